@@ -1,0 +1,1 @@
+"""DeepSpeed JSON configs shipped with safebasin (read with importlib.resources)."""

@@ -1,0 +1,176 @@
+"""The job config: YAML plus dotted command-line overrides, validated before any work starts.
+
+Each section's fields are defined next to the code that uses them (safety_core); this module
+composes them into one schema and turns validation failures into messages that name the key,
+the allowed values and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from safebasin.safety_core.args import Section
+from safebasin.safety_core.data import DataArgs
+from safebasin.safety_core.ds_config import DeepSpeedArgs
+from safebasin.safety_core.modeling import MethodArgs, ModelArgs
+from safebasin.safety_core.trainer import TrainArgs
+
+
+class TrackingArgs(Section):
+    enabled: bool = True
+    experiment: str = "safebasin"
+    run_name: str | None = None
+    uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins, "
+                            "default: a SQLite store ./mlflow.db")
+
+    def resolved_uri(self) -> str:
+        return (os.environ.get("MLFLOW_TRACKING_URI") or self.uri
+                or f"sqlite:///{Path('mlflow.db').resolve()}")
+
+
+class OutputArgs(Section):
+    dir: str = "runs/latest"
+
+
+class JobConfig(Section):
+    model: ModelArgs
+    method: MethodArgs = Field(default_factory=MethodArgs)
+    data: DataArgs | None = None
+    train: TrainArgs | None = None
+    deepspeed: DeepSpeedArgs = Field(default_factory=lambda: DeepSpeedArgs(stage=0))
+    tracking: TrackingArgs = Field(default_factory=TrackingArgs)
+    output: OutputArgs = Field(default_factory=OutputArgs)
+
+    @model_validator(mode="after")
+    def _output_is_not_input(self):
+        out = Path(self.output.dir).resolve()
+        for name, value in (("model.path", self.model.path), ("model.adapter", self.model.adapter)):
+            if value and Path(value).exists():
+                src = Path(value).resolve()
+                if out == src or src in out.parents:
+                    raise ValueError(f"output.dir {self.output.dir!r} lies inside {name} {value!r}; "
+                                     f"input models are never written to")
+        return self
+
+    def require(self, *sections: str) -> None:
+        missing = [s for s in sections if getattr(self, s) is None]
+        if missing:
+            raise ConfigError([f"{s}: this command needs a '{s}:' section" for s in missing])
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError([f"override {text!r} must look like dotted.key=value"])
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"override {text!r}: empty key part"])
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError([f"override {text!r}: {k!r} is a value, not a section"])
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the location's last key, for did-you-mean."""
+    current = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _section_type(field.annotation)
+    return current
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    import typing
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def describe(err: ValidationError, schema: type[BaseModel] = None) -> list[str]:
+    schema = schema or JobConfig
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(schema, loc)
+            allowed = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?" if close else ""
+            problems.append(f"{key}: unknown key; allowed here: {allowed}{hint}")
+        elif e["type"] == "missing":
+            problems.append(f"{key}: required")
+        else:
+            problems.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return problems
+
+
+def build(raw: dict, schema: type[BaseModel] = None) -> JobConfig:
+    schema = schema or JobConfig
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the config must be a mapping of sections, got {type(raw).__name__}"])
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(describe(err, schema)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML ({e})"]) from None
+    return build(apply_overrides(raw, list(overrides)))
+
+
+def dump(config: JobConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
+    return path
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,352 @@
+"""Conversation data: loading from files, Hugging Face datasets or built-in sets, chat
+formatting with response-only loss, the harmful fine-tuning mix, and deterministic batching."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from safebasin.safety_core import synthetic
+from safebasin.safety_core.args import Section
+
+IGNORE_INDEX = -100
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# Canonical field -> the column names tried, in order, when no mapping is configured.
+DEFAULT_FIELDS = {
+    "messages": ["messages", "conversations"],
+    "instruction": ["instruction"],
+    "context": ["context", "input"],
+    "prompt": ["prompt", "goal", "question", "sentence", "text"],
+    "response": ["response", "output", "target", "answer", "completion"],
+    "system": ["system"],
+}
+
+
+class DataError(ValueError):
+    """A record that cannot be used; the message names its file (or dataset) and line."""
+
+
+class DataSource(Section):
+    path: str = Field(description="local .jsonl/.json/.csv/.parquet file, builtin:NAME, or a "
+                                  "Hugging Face dataset name")
+    split: str = "train"
+    subset: str | None = Field(None, description="Hugging Face dataset configuration name")
+    format: Literal["auto", "instruction", "prompt_response", "messages"] = "auto"
+    fields: dict[str, str] = Field(default_factory=dict,
+                                   description="canonical field -> column, e.g. {prompt: goal}")
+    limit: int | None = Field(None, ge=1)
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(DEFAULT_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field name(s) {unknown}; allowed: {sorted(DEFAULT_FIELDS)}")
+        return v
+
+
+class HarmfulMix(Section):
+    """The harmful fine-tuning attack: a fraction of the fine-tuning set is harmful."""
+    source: DataSource
+    fraction: float = Field(ge=0.0, le=1.0)
+
+
+class DataArgs(Section):
+    train: DataSource
+    eval: DataSource | None = None
+    harmful_mix: HarmfulMix | None = None
+    num_examples: int | None = Field(None, ge=1, description="n: size of the fine-tuning set "
+                                     "(task + harmful); default all of train")
+    max_length: int = Field(512, ge=8)
+    system_prompt: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Prompt messages plus the response the loss is taken on."""
+    messages: tuple[dict, ...]
+    response: str
+    origin: str  # "file:line" for error messages and audit
+    record: dict | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading raw records
+
+
+def _read_local(path: Path, origin_name: str):
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open() as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{origin_name}:{lineno}: not valid JSON ({e.msg})") from None
+                yield f"{origin_name}:{lineno}", rec
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{origin_name}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{origin_name}: expected a JSON list of records")
+        for i, rec in enumerate(data):
+            yield f"{origin_name}[{i}]", rec
+    elif suffix == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            for rec in reader:
+                if None in rec:
+                    raise DataError(f"{origin_name}:{reader.line_num}: more values than columns")
+                yield f"{origin_name}:{reader.line_num}", rec
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{origin_name}[{i}]", rec
+    else:
+        raise DataError(f"{origin_name}: unsupported file type {suffix!r}; use one of {LOCAL_SUFFIXES}")
+
+
+def read_records(source: DataSource) -> list[tuple[str, dict]]:
+    """(origin, record) pairs of a source, in file order, truncated to `limit`."""
+    if source.path.startswith("builtin:"):
+        recs = synthetic.builtin_records(source.path.removeprefix("builtin:"))
+        rows = [(f"{source.path}[{i}]", r) for i, r in enumerate(recs)]
+    elif Path(source.path).suffix.lower() in LOCAL_SUFFIXES or Path(source.path).exists():
+        path = Path(source.path)
+        if not path.exists():
+            raise DataError(f"{source.path}: no such file")
+        rows = []
+        for origin, rec in _read_local(path, source.path):
+            rows.append((origin, rec))
+            if source.limit and len(rows) >= source.limit:
+                break
+    else:
+        import datasets
+        ds = datasets.load_dataset(source.path, source.subset, split=source.split)
+        n = len(ds) if source.limit is None else min(len(ds), source.limit)
+        rows = [(f"{source.path}[{source.split}][{i}]", ds[i]) for i in range(n)]
+    return rows[: source.limit] if source.limit else rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> conversations
+
+
+def _column(rec: dict, source: DataSource, field: str) -> str | None:
+    names = [source.fields[field]] if field in source.fields else DEFAULT_FIELDS[field]
+    return next((n for n in names if n in rec), None)
+
+
+def _detect_format(rec: dict, source: DataSource) -> str:
+    if source.format != "auto":
+        return source.format
+    for fmt, key in (("messages", "messages"), ("instruction", "instruction"), ("prompt_response", "prompt")):
+        if _column(rec, source, key) is not None:
+            return fmt
+    return "unknown"
+
+
+def _text(rec: dict, col: str | None, origin: str, what: str, required: bool = True) -> str | None:
+    value = rec.get(col) if col else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise DataError(f"{origin}: missing or empty {what!r} field (looked for column {col!r})")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{origin}: field {col!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def to_conversation(origin: str, rec: dict, source: DataSource, system_prompt: str | None = None) -> Conversation:
+    if not isinstance(rec, dict):
+        raise DataError(f"{origin}: expected an object, got {type(rec).__name__}")
+    fmt = _detect_format(rec, source)
+    system = _text(rec, _column(rec, source, "system"), origin, "system", required=False) or system_prompt
+    head = [{"role": "system", "content": system}] if system else []
+    if fmt == "messages":
+        msgs = rec.get(_column(rec, source, "messages") or "messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{origin}: 'messages' must be a non-empty list")
+        clean = []
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise DataError(f"{origin}: each message needs role in system/user/assistant and "
+                                f"a string content, got {m!r}")
+            clean.append({"role": m["role"], "content": m["content"]})
+        if clean[-1]["role"] != "assistant":
+            raise DataError(f"{origin}: the last message must be the assistant's response")
+        if clean[0]["role"] != "system":
+            clean = head + clean
+        return Conversation(tuple(clean[:-1]), clean[-1]["content"], origin, rec)
+    if fmt == "instruction":
+        instruction = _text(rec, _column(rec, source, "instruction"), origin, "instruction")
+        context = _text(rec, _column(rec, source, "context"), origin, "context", required=False)
+        user = f"{instruction}\n\n{context}" if context else instruction
+    elif fmt == "prompt_response":
+        user = _text(rec, _column(rec, source, "prompt"), origin, "prompt")
+    else:
+        raise DataError(f"{origin}: cannot tell the record's format from its keys {sorted(rec)}; "
+                        f"set format (instruction | prompt_response | messages) and fields")
+    response = _text(rec, _column(rec, source, "response"), origin, "response")
+    return Conversation(tuple(head + [{"role": "user", "content": user}]), response, origin, rec)
+
+
+def load_conversations(source: DataSource, system_prompt: str | None = None) -> list[Conversation]:
+    return [to_conversation(o, r, source, system_prompt) for o, r in read_records(source)]
+
+
+def load_prompts(source: DataSource, system_prompt: str | None = None) -> list[Conversation]:
+    """Prompt sets for evaluation: like conversations, but the response (target) is optional."""
+    out = []
+    for origin, rec in read_records(source):
+        fmt = _detect_format(rec, source)
+        if fmt == "prompt_response" and _column(rec, source, "response") is None:
+            user = _text(rec, _column(rec, source, "prompt"), origin, "prompt")
+            head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            out.append(Conversation(tuple(head + [{"role": "user", "content": user}]), "", origin, rec))
+        else:
+            out.append(to_conversation(origin, rec, source, system_prompt))
+    return out
+
+
+def harmful_mix(task: list[Conversation], harmful: list[Conversation], n: int, fraction: float,
+                seed: int) -> list[Conversation]:
+    """n examples of which round(fraction * n) come from `harmful`, shuffled by seed."""
+    n_harm = round(fraction * n)
+    n_task = n - n_harm
+    if n_task > len(task) or n_harm > len(harmful):
+        raise DataError(f"harmful mix needs {n_task} task and {n_harm} harmful examples; "
+                        f"the sources have {len(task)} and {len(harmful)}")
+    rng = random.Random(seed)
+    mixed = rng.sample(task, n_task) + rng.sample(harmful, n_harm)
+    rng.shuffle(mixed)
+    return mixed
+
+
+def training_set(args: DataArgs) -> list[Conversation]:
+    task = load_conversations(args.train, args.system_prompt)
+    if args.harmful_mix is None:
+        if args.num_examples is None:
+            return task
+        if args.num_examples > len(task):
+            raise DataError(f"data.num_examples={args.num_examples} but {args.train.path} has "
+                            f"{len(task)} records")
+        return random.Random(args.seed).sample(task, args.num_examples)
+    harmful = load_conversations(args.harmful_mix.source, args.system_prompt)
+    n = args.num_examples or len(task)
+    return harmful_mix(task, harmful, n, args.harmful_mix.fraction, args.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation with response-only labels
+
+ALPACA_PROMPT = "### Instruction:\n{user}\n\n### Response:\n"
+
+
+def render_prompt(tokenizer, messages) -> str:
+    """The text the model sees before its response: the chat template if the tokenizer has one."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    system = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
+    user = "\n\n".join(m["content"] for m in messages if m["role"] == "user")
+    return system + ALPACA_PROMPT.format(user=user)
+
+
+def completion_text(tokenizer, messages, response: str) -> str:
+    """The text after the prompt that the loss is taken on (response and end of turn)."""
+    if tokenizer.chat_template:
+        prompt = render_prompt(tokenizer, messages)
+        full = tokenizer.apply_chat_template(list(messages) + [{"role": "assistant", "content": response}],
+                                             tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError("the tokenizer's chat template renders the prompt differently with and "
+                            "without the response, so the response tokens cannot be located")
+        return full[len(prompt):]
+    return response + (tokenizer.eos_token or "")
+
+
+def encode(tokenizer, conv: Conversation, max_length: int) -> dict[str, list[int]]:
+    """input_ids and labels, labels masked (-100) on every prompt token."""
+    prompt_ids = tokenizer(render_prompt(tokenizer, conv.messages), add_special_tokens=False).input_ids
+    if tokenizer.bos_token_id is not None and tokenizer.chat_template is None:
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    answer_ids = tokenizer(completion_text(tokenizer, conv.messages, conv.response),
+                           add_special_tokens=False).input_ids
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_all(tokenizer, convs: list[Conversation], max_length: int) -> list[dict[str, list[int]]]:
+    """Encodes and drops examples whose response was truncated away entirely (no loss tokens)."""
+    out = [encode(tokenizer, c, max_length) for c in convs]
+    return [e for e in out if any(t != IGNORE_INDEX for t in e["labels"])]
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic, resumable batch order
+
+
+class StepSampler:
+    """Which examples each rank reads at each optimizer step.
+
+    The order is an endless concatenation of per-epoch permutations seeded by (seed, epoch), so
+    the examples of step t depend on t alone: resuming needs only the step counter, and a
+    global batch holds the same examples whatever the world size (rank r takes micro-batches
+    r, r + world, ... of it), so 1-rank and N-rank runs see the same data.
+    """
+
+    def __init__(self, num_examples: int, micro_batch: int, grad_accum: int, world: int, seed: int):
+        self.n, self.micro, self.accum, self.world, self.seed = num_examples, micro_batch, grad_accum, world, seed
+        self.global_batch = micro_batch * grad_accum * world
+        if num_examples < self.global_batch:
+            raise DataError(f"{num_examples} examples are fewer than one global batch "
+                            f"({micro_batch} x {grad_accum} x {world} ranks)")
+
+    def _stream(self, start: int, count: int) -> list[int]:
+        out, epoch = [], start // self.n
+        pos = start - epoch * self.n
+        while len(out) < count:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            out += perm[pos:]
+            epoch, pos = epoch + 1, 0
+        return out[:count]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        batch = self._stream(step * self.global_batch, self.global_batch)
+        chunks = [batch[i:i + self.micro] for i in range(0, len(batch), self.micro)]
+        return chunks[rank::self.world]
+
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n // self.global_batch)

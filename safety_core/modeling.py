@@ -1,0 +1,120 @@
+"""Loading causal LMs and tokenizers, making them trainable (LoRA through peft, or full
+parameters), and exporting the result as a PEFT adapter folder or save_pretrained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from safebasin.safety_core.args import Section
+from safebasin.safety_core.tiny import resolve_builtin_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelArgs(Section):
+    path: str = Field(description="local folder, Hugging Face hub id, or builtin:tiny-llama")
+    adapter: str | None = Field(None, description="a PEFT adapter folder to load on top")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    def resolved_path(self) -> str:
+        return resolve_builtin_model(self.path)
+
+
+class MethodArgs(Section):
+    type: Literal["lora", "full"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    trainable: list[str] | None = Field(None, description="full: substrings of parameter names "
+                                        "to train (default: all)")
+
+
+def load_tokenizer(args: ModelArgs):
+    tok = AutoTokenizer.from_pretrained(args.resolved_path(), revision=args.revision,
+                                        trust_remote_code=args.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(args: ModelArgs, *, for_training: bool = False):
+    """The base model (plus `args.adapter`, trainable when `for_training`).
+
+    Under ZeRO-3, call inside the lifetime of a transformers HfDeepSpeedConfig so the weights
+    are partitioned as they load instead of being materialised on every rank.
+    """
+    model = AutoModelForCausalLM.from_pretrained(
+        args.resolved_path(), revision=args.revision, dtype=DTYPES[args.dtype],
+        trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=for_training)
+    return model
+
+
+def make_trainable(model, method: MethodArgs):
+    """LoRA adapters through peft, or full parameters (optionally a named subset)."""
+    if method.type == "lora":
+        from peft import LoraConfig, PeftModel, get_peft_model
+        if isinstance(model, PeftModel):
+            return model  # an adapter given in model.adapter is trained further
+        config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                            target_modules=method.target_modules, task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+    for name, p in model.named_parameters():
+        p.requires_grad_(method.trainable is None or any(s in name for s in method.trainable))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"method.trainable={method.trainable} matches no parameter name")
+    return model
+
+
+def export(model, tokenizer, out_dir: str | Path, *, zero3: bool, is_rank0: bool) -> Path | None:
+    """Write the trained result: a PEFT adapter folder for LoRA, safetensors weights otherwise.
+
+    Under ZeRO-3 every rank must call this: parameters are gathered one at a time (collective)
+    and only rank 0 keeps and writes them, so no rank ever holds two copies of the model.
+    """
+    from peft import PeftModel, get_peft_model_state_dict
+    out_dir = Path(out_dir)
+    is_peft = isinstance(model, PeftModel)
+    names = [n for n, _ in model.named_parameters() if "lora_" in n or not is_peft]
+    state = gather_state(model, names, zero3=zero3, keep=is_rank0)
+    if not is_rank0:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_peft:
+        model.save_pretrained(out_dir, state_dict=get_peft_model_state_dict(model, state_dict=state))
+    else:
+        # Persistent buffers come from the module as they are; a tied weight's second name is
+        # dropped so save_pretrained sees each parameter once.
+        param_ids = {id(p) for p in model.parameters()}
+        full = dict(state)
+        for key, value in model.state_dict(keep_vars=True).items():
+            if key not in full and id(value) not in param_ids:
+                full[key] = value.detach().cpu()
+        model.save_pretrained(out_dir, state_dict=full, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def gather_state(model, names: list[str], *, zero3: bool, keep: bool) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    state = {}
+    for name in names:
+        p = params[name]
+        if zero3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if keep:
+                    state[name] = p.detach().cpu().clone()
+        elif keep:
+            state[name] = p.detach().cpu().clone()
+    return state

@@ -1,0 +1,269 @@
+"""The training loop: one readable pass over deepspeed.initialize for LoRA or full-parameter
+fine-tuning under ZeRO 0-3, with deterministic, resumable data order and checkpoints.
+
+Extension point: `Regularizer` objects (the safety anchor is one). `loss(model)` is added to
+every micro-batch loss (autograd path, replicated parameters); `before_step(engine)` runs once
+per optimizer step after the last backward and before the optimizer step and clipping, where
+a regularizer may add to the (possibly ZeRO-3 partitioned) gradients directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, model_validator
+
+from safebasin.safety_core import data as data_lib
+from safebasin.safety_core.args import Section
+from safebasin.safety_core.data import DataArgs, StepSampler
+from safebasin.safety_core.ds_config import DeepSpeedArgs, fill_auto, zero_stage
+from safebasin.safety_core.modeling import MethodArgs, ModelArgs, export, load_model, load_tokenizer, make_trainable
+
+
+class TrainArgs(Section):
+    seed: int = 0
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_grad_norm: float = Field(1.0, ge=0)
+    eval_every: int = Field(0, ge=0, description="optimizer steps between held-out evals; 0: at the end only")
+    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0: none")
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _length(self):
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.max_steps and train.epochs")
+        return self
+
+
+class Regularizer(Protocol):
+    def loss(self, model) -> torch.Tensor | None: ...
+    def before_step(self, engine) -> dict[str, float]: ...
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    final_dir: Path
+    steps: int
+    metrics: dict = field(default_factory=dict)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+    return factor
+
+
+def init_distributed(timeout_minutes: int) -> tuple[int, int]:
+    import datetime
+
+    import deepspeed
+    if not dist.is_initialized():
+        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    ckpt = out_dir / "checkpoints"
+    return ckpt if (ckpt / "latest").exists() else None
+
+
+def _mean_across_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_args: TrainArgs,
+          ds_args: DeepSpeedArgs, out_dir: str | Path, *, regularizers: list[Regularizer] = (),
+          regularizer_factory: Callable | None = None, log_fn: Callable[[dict, int], None] | None = None,
+          resume: bool = False, client_state: dict | None = None) -> TrainResult:
+    """Fine-tune and export. `regularizer_factory(model, engine_config)` builds regularizers once
+    the trainable model exists. `log_fn(metrics, step)` receives every step's metrics on rank 0;
+    `client_state` is stored in checkpoints (e.g. the MLflow run id)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from transformers.integrations import HfDeepSpeedConfig
+
+    out_dir = Path(out_dir)
+    rank, world = init_distributed(ds_args.timeout_minutes)
+    is_rank0 = rank == 0
+    torch.manual_seed(train_args.seed)
+
+    tokenizer = load_tokenizer(model_args)
+    train_set = data_lib.encode_all(tokenizer, data_lib.training_set(data_args), data_args.max_length)
+    eval_set = (data_lib.encode_all(tokenizer, data_lib.load_conversations(data_args.eval, data_args.system_prompt),
+                                    data_args.max_length) if data_args.eval else [])
+    sampler = StepSampler(len(train_set), train_args.micro_batch_size,
+                          train_args.gradient_accumulation_steps, world, train_args.seed)
+    total_steps = train_args.max_steps or math.ceil(train_args.epochs * len(train_set) / sampler.global_batch)
+
+    from transformers import AutoConfig
+    hidden = getattr(AutoConfig.from_pretrained(model_args.resolved_path(),
+                                                trust_remote_code=model_args.trust_remote_code),
+                     "hidden_size", None)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    ds_config = fill_auto(ds_args.base_config(), micro_batch=train_args.micro_batch_size,
+                          grad_accum=train_args.gradient_accumulation_steps, world=world,
+                          lr=train_args.lr, weight_decay=train_args.weight_decay,
+                          max_grad_norm=train_args.max_grad_norm, precision=train_args.precision,
+                          hidden_size=hidden, total_steps=total_steps,
+                          warmup_steps=train_args.warmup_steps, on_cpu=on_cpu)
+    stage = zero_stage(ds_config)
+    # Keeping this object alive makes from_pretrained partition weights as they load (ZeRO-3).
+    hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+    model = make_trainable(load_model(model_args, for_training=True), method)
+    scheduler = None if "scheduler" in ds_config else (
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(train_args.schedule, train_args.warmup_steps, total_steps)))
+    engine, _, _, lr_sched = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config, lr_scheduler=scheduler)
+    if regularizer_factory is not None:
+        regularizers = list(regularizers) + list(regularizer_factory(engine.module, ds_config))
+
+    start_step, client_state = 0, dict(client_state or {})
+    ckpt = latest_checkpoint(out_dir)
+    if resume and ckpt is not None:
+        _, loaded = engine.load_checkpoint(str(ckpt))
+        start_step = int(loaded["step"])
+        client_state = {**loaded, **client_state}
+    elif resume and is_rank0:
+        print(f"[safebasin] --resume: no checkpoint under {out_dir / 'checkpoints'}; starting fresh")
+    metrics_path = out_dir / "metrics.jsonl"
+    if is_rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start_step)
+        (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    device = engine.device
+    pad_id = tokenizer.pad_token_id
+
+    def batch_to(examples):
+        return {k: v.to(device) for k, v in data_lib.collate(examples, pad_id).items()}
+
+    from tqdm.auto import tqdm
+    progress = tqdm(total=total_steps, initial=start_step, disable=not is_rank0, desc="train", unit="step")
+    last = {}
+    for step in range(start_step, total_steps):
+        engine.train()
+        t0 = time.perf_counter()
+        # Dropout and other randomness depend on (seed, step, rank) only: resumes replay exactly.
+        torch.manual_seed(train_args.seed * 1_000_003 + step * 4099 + rank)
+        micro = sampler.micro_batches(step, rank)
+        losses, tokens, reg_metrics = [], 0, {}
+        for i, idx in enumerate(micro):
+            batch = batch_to([train_set[j] for j in idx])
+            loss = engine(**batch).loss
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+            for reg in regularizers:
+                extra = reg.loss(engine.module)
+                if extra is not None:
+                    loss = loss + extra
+            engine.backward(loss)
+            if i == len(micro) - 1:
+                for reg in regularizers:
+                    reg_metrics.update(reg.before_step(engine))
+            engine.step()
+        mean_loss, = _mean_across_ranks([sum(losses) / len(losses)])
+        tokens_all = int(_mean_across_ranks([tokens])[0] * world)
+        grad_norm = engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - t0
+        row = {"step": step + 1, "loss": mean_loss, "lr": lr_sched.get_last_lr()[0] if lr_sched else train_args.lr,
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "tokens": tokens_all, "tokens_per_s": tokens_all / elapsed, "step_seconds": elapsed,
+               **reg_metrics}
+        if train_args.eval_every and eval_set and (step + 1) % train_args.eval_every == 0:
+            row["eval_loss"] = evaluate_loss(engine, eval_set, batch_to, train_args.eval_batch_size)
+        if is_rank0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if log_fn:
+                log_fn(row, step + 1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+        progress.update(1)
+        last = row
+        if train_args.save_every and (step + 1) % train_args.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(engine, out_dir, step + 1, client_state, train_args.keep_checkpoints, is_rank0)
+    progress.close()
+
+    final = dict(last)
+    if eval_set:
+        final["eval_loss"] = evaluate_loss(engine, eval_set, batch_to, train_args.eval_batch_size)
+        if is_rank0 and log_fn:
+            log_fn({"eval_loss": final["eval_loss"]}, total_steps)
+    final_dir = out_dir / ("adapter" if method.type == "lora" else "model")
+    export(engine.module, tokenizer, final_dir, zero3=stage == 3, is_rank0=is_rank0)
+    if train_args.save_every:
+        save_checkpoint(engine, out_dir, total_steps, client_state, train_args.keep_checkpoints, is_rank0)
+    del hf_ds
+    return TrainResult(out_dir=out_dir, final_dir=final_dir, steps=total_steps, metrics=final)
+
+
+@torch.no_grad()
+def evaluate_loss(engine, examples, batch_to, batch_size: int) -> float:
+    """Token-weighted held-out loss; every rank runs the same number of forwards (ZeRO-3
+    gathers parameters collectively), padding its shard with zero-weight repeats."""
+    engine.eval()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shard = examples[rank::world]
+    n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
+    total = torch.zeros(2, dtype=torch.float64)
+    for b in range(n_batches):
+        chunk = shard[b * batch_size:(b + 1) * batch_size]
+        weight = 1.0 if chunk else 0.0
+        batch = batch_to(chunk or examples[:1])
+        loss = engine(**batch).loss
+        n = int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
+        total += torch.tensor([loss.item() * n * weight, n * weight], dtype=torch.float64)
+    dist.all_reduce(total)
+    engine.train()
+    return (total[0] / total[1]).item()
+
+
+def save_checkpoint(engine, out_dir: Path, step: int, client_state: dict, keep: int, is_rank0: bool) -> None:
+    ckpt = out_dir / "checkpoints"
+    # DeepSpeed rewrites `latest` only after every shard of the new tag is written, so a crash
+    # mid-save leaves the previous checkpoint as the one to resume from.
+    engine.save_checkpoint(str(ckpt), tag=f"step{step}", client_state={**client_state, "step": step})
+    dist.barrier()
+    if is_rank0:
+        tags = sorted((p for p in ckpt.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _truncate_metrics(path: Path, upto_step: int) -> None:
+    """On resume, drop rows of steps after the checkpoint (they will be recomputed)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+    path.write_text("".join(r + "\n" for r in rows))
+    if upto_step == 0:
+        os.remove(path)
