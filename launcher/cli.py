@@ -26,22 +26,27 @@ def prepare_output(cfg: JobConfig, resume: bool) -> Path:
     return dump(cfg, out / "config.yaml")
 
 
+def run_job(command: str, cfg: JobConfig, args) -> dict:
+    """Run a rank command (entry.RANK_COMMANDS) on --nproc local ranks; returns rank 0's summary,
+    which every rank command also writes to OUTPUT/results.json."""
+    resume = getattr(args, "resume", False)
+    resolved = prepare_output(cfg, resume)
+    if args.nproc > 1:
+        from safebasin.launcher.launch import launch_local
+        code = launch_local(command, resolved, args.nproc, ["--resume"] if resume else [])
+        if code != 0:
+            raise SystemExit(code)
+        return json.loads((Path(cfg.output.dir) / "results.json").read_text())
+    from safebasin.launcher.entry import RANK_COMMANDS
+    from safebasin.launcher.launch import single_process_env
+    single_process_env()
+    return RANK_COMMANDS[command](load_config(resolved), resume)
+
+
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg.require("data", "train")
-    resolved = prepare_output(cfg, args.resume)
-    if args.nproc > 1:
-        from safebasin.launcher.launch import launch_local
-        code = launch_local("train", resolved, args.nproc, ["--resume"] if args.resume else [])
-        if code != 0:
-            return code
-        summary = json.loads((Path(cfg.output.dir) / "results.json").read_text())
-    else:
-        from safebasin.launcher.entry import run_train
-        from safebasin.launcher.launch import single_process_env
-        single_process_env()
-        summary = run_train(load_config(resolved), args.resume)
-    print_summary(summary, cfg)
+    print_summary(run_job("train", cfg, args), cfg)
     return 0
 
 

@@ -64,6 +64,7 @@ class TrainResult:
     final_dir: Path
     steps: int
     metrics: dict = field(default_factory=dict)
+    model: object = None  # the trained module (ZeRO-3: still partitioned), for in-process callers
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -151,8 +152,9 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     ckpt = latest_checkpoint(out_dir)
     if resume and ckpt is not None:
         _, loaded = engine.load_checkpoint(str(ckpt))
-        start_step = int(loaded["step"])
-        client_state = {**loaded, **client_state}
+        ours = loaded["safebasin"]
+        start_step = int(ours["step"])
+        client_state = {**ours, **client_state}
     elif resume and is_rank0:
         print(f"[safebasin] --resume: no checkpoint under {out_dir / 'checkpoints'}; starting fresh")
     metrics_path = out_dir / "metrics.jsonl"
@@ -166,6 +168,9 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     def batch_to(examples):
         return {k: v.to(device) for k, v in data_lib.collate(examples, pad_id).items()}
 
+    # Fault injection for resume and failure tests: crash this rank after the given step.
+    fail_after = int(os.environ.get("SAFEBASIN_FAIL_AFTER_STEP", "0"))
+    fail_rank = int(os.environ.get("SAFEBASIN_FAIL_RANK", "0"))
     from tqdm.auto import tqdm
     progress = tqdm(total=total_steps, initial=start_step, disable=not is_rank0, desc="train", unit="step")
     last = {}
@@ -210,6 +215,8 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
         last = row
         if train_args.save_every and (step + 1) % train_args.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(engine, out_dir, step + 1, client_state, train_args.keep_checkpoints, is_rank0)
+        if fail_after == step + 1 and rank == fail_rank:
+            raise RuntimeError(f"SAFEBASIN_FAIL_AFTER_STEP={fail_after}: injected failure on rank {rank}")
     progress.close()
 
     final = dict(last)
@@ -222,7 +229,8 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     if train_args.save_every:
         save_checkpoint(engine, out_dir, total_steps, client_state, train_args.keep_checkpoints, is_rank0)
     del hf_ds
-    return TrainResult(out_dir=out_dir, final_dir=final_dir, steps=total_steps, metrics=final)
+    return TrainResult(out_dir=out_dir, final_dir=final_dir, steps=total_steps, metrics=final,
+                       model=engine.module)
 
 
 @torch.no_grad()
@@ -250,7 +258,7 @@ def save_checkpoint(engine, out_dir: Path, step: int, client_state: dict, keep: 
     ckpt = out_dir / "checkpoints"
     # DeepSpeed rewrites `latest` only after every shard of the new tag is written, so a crash
     # mid-save leaves the previous checkpoint as the one to resume from.
-    engine.save_checkpoint(str(ckpt), tag=f"step{step}", client_state={**client_state, "step": step})
+    engine.save_checkpoint(str(ckpt), tag=f"step{step}", client_state={"safebasin": {**client_state, "step": step}})
     dist.barrier()
     if is_rank0:
         tags = sorted((p for p in ckpt.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
