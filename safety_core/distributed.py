@@ -1,0 +1,114 @@
+"""Rank helpers that fall back to a single process when torch.distributed is not initialized,
+so measurement code is written once and runs the same on one CPU or many GPUs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    return rank_world()[0] == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(items: Sequence, rank: int | None = None, world: int | None = None) -> list:
+    """This rank's items: every world-th one starting at rank (disjoint, covers everything)."""
+    r, w = rank_world()
+    rank = r if rank is None else rank
+    world = w if world is None else world
+    return list(items[rank::world])
+
+
+def unshard(shards: Sequence[Sequence]) -> list:
+    """Inverse of `shard`: interleave per-rank lists back into the original order."""
+    out = []
+    for i in range(max((len(s) for s in shards), default=0)):
+        out.extend(s[i] for s in shards if i < len(s))
+    return out
+
+
+def all_gather_object(obj: Any) -> list:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _comm_device() -> torch.device:
+    # NCCL only moves CUDA tensors; gloo only CPU ones.
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sum over ranks, in float64."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=_comm_device())
+    if is_distributed():
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_reduce_tensor_(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks of a tensor living anywhere (copied through the comm device)."""
+    if not is_distributed():
+        return t
+    buf = t.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(buf)
+    t.copy_(buf.to(t.device))
+    return t
+
+
+def is_zero3(model) -> bool:
+    """True when parameters are ZeRO-3 partitioned, so forwards are collective across ranks."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def map_batches(fn: Callable[[Any], list], batches: Sequence, *, sync: bool = False,
+                desc: str | None = None, progress: bool = True) -> list:
+    """Run fn on whole batches, batch b on rank b % world, and return the concatenated per-item
+    results in batch order on every rank.
+
+    Sharding whole batches (not examples) keeps each batch's composition, and so its padding and
+    numerics, the same whatever the world size: N ranks reproduce the 1-rank results exactly.
+    With `sync` (ZeRO-3: every forward is collective) ranks with fewer batches repeat batch 0
+    and drop the result, so all ranks run the same number of calls.
+    """
+    rank, world = rank_world()
+    mine = list(range(rank, len(batches), world))
+    steps = math.ceil(len(batches) / world) if sync else len(mine)
+    done: dict[int, list] = {}
+    for step in tqdm(range(steps), desc=desc, disable=not progress or rank != 0, leave=False):
+        if step < len(mine):
+            done[mine[step]] = list(fn(batches[mine[step]]))
+        elif batches:
+            fn(batches[0])
+    merged: dict[int, list] = {}
+    for part in all_gather_object(done):
+        merged.update(part)
+    return [item for b in range(len(batches)) for item in merged[b]]
+
+
+def chunks(items: Sequence, size: int) -> list[list]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
