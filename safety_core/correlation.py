@@ -102,6 +102,13 @@ def loss_correlation(model_a, model_b, tokenizer, conversations: list[Conversati
     a = example_nll(model_a, tokenizer, conversations, max_length=max_length, batch_size=batch_size, desc=names[0])
     b = example_nll(model_b, tokenizer_b or tokenizer, conversations, max_length=max_length,
                     batch_size=batch_size, desc=names[1])
+    return correlate(a, b, conversations, out_dir, names=names)
+
+
+def correlate(a: list[tuple[float, int]], b: list[tuple[float, int]], conversations: list[Conversation],
+              out_dir=None, *, names: tuple[str, str] = ("model A", "model B")) -> dict:
+    """loss_correlation from per-example (NLL sum, tokens) already computed, so the two models
+    never need to be in memory together."""
     keep = [i for i in range(len(conversations)) if a[i][1] > 0 and b[i][1] > 0]
     nll_a = [a[i][0] / a[i][1] for i in keep]
     nll_b = [b[i][0] / b[i][1] for i in keep]

@@ -1,0 +1,154 @@
+"""The measurement commands: `safebasin eval`, `safebasin judge`, `safebasin landscape`.
+
+eval and landscape are rank commands (entry.RANK_COMMANDS): with --nproc N each rank takes a
+disjoint shard of the prompts and rank 0 gathers, logs to MLflow and writes the results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from safebasin.launcher.config import JobConfig
+from safebasin.launcher.tracking import Tracker
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _init_ranks(cfg: JobConfig) -> int:
+    """Join the process group when started on several ranks; returns the global rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from safebasin.safety_core.trainer import init_distributed
+        init_distributed(cfg.deepspeed.timeout_minutes)
+    return int(os.environ.get("RANK", "0"))
+
+
+def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
+    from safebasin.safety_core.evaluation import evaluate, flat_metrics
+    from safebasin.safety_core.modeling import load_model, load_tokenizer
+    cfg.require("eval")
+    rank, out = _init_ranks(cfg), Path(cfg.output.dir)
+    tracker = Tracker(cfg, out, active=rank == 0)
+    try:
+        model = load_model(cfg.model).to(_device()).eval()
+        result = evaluate(model, load_tokenizer(cfg.model), cfg.eval, out_dir=out)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    summary = {k: v for k, v in result.items() if k != "records"}
+    summary["mlflow_run_id"] = tracker.run_id
+    if rank == 0:
+        (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+        tracker.log_metrics(flat_metrics(result))
+        for name in ("config.yaml", "results.json", "eval_results.json", "eval_records.jsonl"):
+            tracker.log_artifact(out / name)
+    tracker.end()
+    return summary
+
+
+def run_landscape(cfg: JobConfig, resume: bool = False) -> dict:
+    from safebasin.safety_core.instruments import run_landscapes
+    cfg.require("landscape")
+    rank, out = _init_ranks(cfg), Path(cfg.output.dir)
+    tracker = Tracker(cfg, out, active=rank == 0)
+    try:
+        result = run_landscapes(cfg.model, cfg.landscape, out, _device())
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    result["mlflow_run_id"] = tracker.run_id
+    if rank == 0:
+        (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+        for path, corr in result.get("correlation", {}).items():
+            tracker.log_metrics({f"pearson.{Path(path).stem}": corr["pearson"],
+                                 f"spearman.{Path(path).stem}": corr["spearman"]})
+        loss = result.get("loss_landscape", {})
+        tracker.log_metrics({k: v for k, v in loss.items() if isinstance(v, float)})
+        for name, basin in result.get("safety_landscape", {}).get("basin", {}).items():
+            tracker.log_metrics({f"basin_width.{name}": basin["width"]})
+        for png in sorted(out.rglob("*.png")) + sorted(out.rglob("*.csv")):
+            tracker.log_artifact(png, str(png.parent.relative_to(out)) if png.parent != out else None)
+        tracker.log_artifact(out / "results.json")
+    tracker.end()
+    return result
+
+
+def cmd_eval(args) -> int:
+    from safebasin.launcher.cli import run_job
+    from safebasin.launcher.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    cfg.require("eval")
+    summary = run_job("eval", cfg, args)
+    if args.json:
+        shutil.copyfile(Path(cfg.output.dir) / "results.json", args.json)
+    asr = ", ".join(f"K={k}: {v:.3f}" for k, v in summary.get("prefill_asr", {}).items() if v is not None)
+    print(f"\nsafebasin eval: HRR {_fmt(summary.get('hrr'))} ({summary.get('judge')}, "
+          f"{summary.get('n_harmful')} prompts, {summary.get('unparsed')} unparsed)"
+          + (f"; prefill ASR {asr}" if asr else "")
+          + f"; task loss {_fmt(summary.get('task_loss'))}, accuracy {_fmt(summary.get('task_accuracy'))}")
+    print(f"  results: {Path(cfg.output.dir).resolve() / 'results.json'}")
+    return 0
+
+
+def cmd_landscape(args) -> int:
+    from safebasin.launcher.cli import run_job
+    from safebasin.launcher.config import load_config
+    overrides = list(args.overrides) + ([f"output.dir={args.out}"] if args.out else [])
+    cfg = load_config(args.config, overrides)
+    cfg.require("landscape")
+    result = run_job("landscape", cfg, args)
+    for path, corr in result.get("correlation", {}).items():
+        print(f"loss correlation on {path}: Pearson {corr['pearson']:.3f}, Spearman {corr['spearman']:.3f}")
+    loss = result.get("loss_landscape", {})
+    if "structural_difference_pct" in loss:
+        print(f"structural difference of the loss landscapes: {loss['structural_difference_pct']:.2f}%")
+    for name, basin in result.get("safety_landscape", {}).get("basin", {}).items():
+        print(f"basin width along {name}: {basin['width']:.3f}")
+    print(f"plots and CSV grids under {Path(cfg.output.dir).resolve()}")
+    return 0
+
+
+def cmd_judge(args) -> int:
+    from safebasin.safety_core.judges import JudgeArgs, judge_records, load_judge_records, make_judge
+    judge_args = JudgeArgs(name=args.judge, model=args.model, harmful_label=args.harmful_label,
+                           batch_size=args.batch_size)
+    result = judge_records(make_judge(judge_args), load_judge_records(args.input), batch_size=args.batch_size)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"{result['n']} records judged by {args.judge}: HRR {_fmt(result['hrr'])}, "
+          f"{result['unparsed']} unparsed -> {args.json}", file=sys.stderr)
+    return 0
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def register(sub, add_job_args) -> None:
+    p = sub.add_parser("eval", help="harmful-response rate, prefilling attacks and task utility")
+    add_job_args(p)
+    p.add_argument("--json", default=None, help="also write the results JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("judge", help="judge existing (prompt, response) records")
+    p.add_argument("--judge", required=True, choices=["keyword", "llama-guard", "classifier"])
+    p.add_argument("--input", required=True, help="JSONL with prompt and response fields")
+    p.add_argument("--json", required=True, help="output JSON with hrr and per-record verdicts")
+    p.add_argument("--model", default=None, help="judge model (llama-guard, classifier): folder or hub id")
+    p.add_argument("--harmful-label", default=None, help="classifier: the label name or id meaning harmful")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser("landscape", help="loss correlation, loss landscapes and the safety landscape")
+    add_job_args(p)
+    p.add_argument("--out", default=None, help="output folder (sets output.dir)")
+    p.set_defaults(func=cmd_landscape)
