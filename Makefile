@@ -29,6 +29,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/anchor_penalty.py
 	$(PY) benchmarks/lbfgs.py
 
 clean:

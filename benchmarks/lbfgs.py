@@ -20,27 +20,7 @@ import torch.distributed as dist
 
 from safebasin.kernels import lin_comb, multi_dot
 from safebasin.safety_core.lbfgs import CurvatureBuffer, shard_range
-
-
-def timed(fn):
-    """fn() -> elapsed seconds."""
-    def run() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return run
-
-
-def interleaved(runs: dict, reps: int) -> dict[str, float]:
-    """Best time of each contender, run round-robin after a warm-up round: on a shared machine
-    interference only adds time, and interleaving exposes every contender to the same load."""
-    for run in runs.values():
-        run()
-    best = {name: float("inf") for name in runs}
-    for _ in range(reps):
-        for name, run in runs.items():
-            best[name] = min(best[name], run())
-    return best
+from timing import interleaved, timed
 
 
 def rss_anon() -> int:

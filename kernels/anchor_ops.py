@@ -1,0 +1,163 @@
+"""The anchor penalty ||(I - C) DeltaW||_F^2 with C = U diag(c) U^T, in the three forms the
+trainer needs (DESIGN.md, Anchoring). None of them forms a d_out x d_out matrix: C only ever
+acts through U^T (k x d_out) products.
+
+    LoRA (DeltaW = B A):     P = sum((X^T X) * (A A^T)),  X = (I - C) B = B - U (c * T),  T = U^T B
+                             dP/dB = 2 (I - C) X (A A^T) = 2 (B G_A - U (c * ((T + U^T X) G_A)))
+                             dP/dA = 2 (X^T X) A
+    full (DeltaW = W - W0):  P = ||DeltaW||^2 - sum_i (2 c_i - c_i^2) ||u_i^T DeltaW||^2
+                             dP/dW = 2 (DeltaW - U ((2c - c^2) * (U^T DeltaW)))
+
+The math is written once here over "pieces" (U^T Y, the row moments of X, ...) that stream
+the large operands; each piece exists as a Triton kernel (triton_anchor) and a PyTorch
+reference (torch_anchor), and kernels/backend.py picks one per call. The LoRA form reads U and
+B twice and A once forward, U, B and A once more backward (U^T X, taken with X^T X in the
+same pass, saves the backward a reduction over rows).
+
+Arithmetic runs in fp32 for half-precision inputs (fp64 stays fp64, on the reference);
+gradients are cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.distributed as dist
+
+from safebasin.kernels import backend, torch_anchor
+
+
+def _pieces(*tensors: torch.Tensor, unsupported: str | None = None) -> ModuleType:
+    if backend.use_triton(*tensors, unsupported=unsupported):
+        from safebasin.kernels import triton_anchor
+        return triton_anchor
+    return torch_anchor
+
+
+class _LoraPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, B, A, U, c, ops):
+        T = ops.ut_y(U, B)
+        cf = c.to(T.dtype)
+        gram_x, ux = ops.row_moments(B, U, cf[:, None] * T)
+        gram_a = ops.gram(A)
+        ctx.save_for_backward(B, A, U, cf, T, ux, gram_x, gram_a)
+        ctx.ops = ops
+        return (gram_x * gram_a).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        B, A, U, cf, T, ux, gram_x, gram_a = ctx.saved_tensors
+        # 2 * grad_out goes into the small r x r / k x r factors, never over a large operand.
+        two_g = 2 * grad_out.to(T.dtype)
+        dB = dA = None
+        if ctx.needs_input_grad[0]:
+            G = two_g * gram_a
+            dB = ctx.ops.row_apply(B, U, cf[:, None] * ((T + ux) @ G), G).to(B.dtype)
+        if ctx.needs_input_grad[1]:
+            dA = ctx.ops.left_mul(two_g * gram_x, A).to(A.dtype)
+        return dB, dA, None, None, None
+
+
+def _weight(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """2c - c^2: how much of ||u_i^T DeltaW||^2 the projection (I - C) removes."""
+    c = c.to(like.dtype)
+    return 2 * c - c * c
+
+
+class _FullPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, W, W0, U, c, ops):
+        w, w0 = W.reshape(-1), W0.reshape(-1)  # row-major; copies only a non-contiguous W
+        T, sq = ops.fragment_moments(w, w0, 0, tuple(W.shape), U)
+        weight = _weight(c, T)
+        ctx.save_for_backward(w, w0, U, weight, T)
+        ctx.ops, ctx.shape, ctx.w_dtype = ops, tuple(W.shape), W.dtype
+        return sq - (weight * T.pow(2).sum(dim=1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w, w0, U, weight, T = ctx.saved_tensors
+        dW = ctx.ops.fragment_grad(w, w0, 0, ctx.shape, U, weight[:, None] * T, 2 * grad_out)
+        return dW.view(ctx.shape).to(ctx.w_dtype), None, None, None, None
+
+
+def _check(U: torch.Tensor, c: torch.Tensor, d_out: int) -> None:
+    if U.dim() != 2 or U.shape[0] != d_out:
+        raise ValueError(f"U must be d_out x k with d_out = {d_out}, got {tuple(U.shape)}")
+    if c.dim() != 1 or c.shape[0] != U.shape[1]:
+        raise ValueError(f"c must hold k = {U.shape[1]} values, got {tuple(c.shape)}")
+
+
+def _check_lora(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> None:
+    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"B (d_out x r) and A (r x d_in) do not chain: {tuple(B.shape)}, {tuple(A.shape)}")
+    _check(U, c, B.shape[0])
+
+
+def _check_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> None:
+    if W.shape != W0.shape or W.dim() != 2:
+        raise ValueError(f"W and W0 must be equal 2-D shapes, got {tuple(W.shape)}, {tuple(W0.shape)}")
+    _check(U, c, W.shape[0])
+
+
+def anchor_penalty(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """||(I - U diag(c) U^T) B A||_F^2 for B (d_out x r), A (r x d_in); differentiable in B and A
+    (closed-form backward). Triton for CUDA tensors, the reference otherwise (kernels/backend.py)."""
+    _check_lora(B, A, U, c)
+    ops = _pieces(B, A, U, c, unsupported=backend.rank_limit(B.shape[1]))
+    return _LoraPenalty.apply(B, A, U, c, ops)
+
+
+def anchor_penalty_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """||(I - U diag(c) U^T)(W - W0)||_F^2, differentiable in W."""
+    _check_full(W, W0, U, c)
+    return _FullPenalty.apply(W, W0, U, c, _pieces(W, W0, U, c))
+
+
+def anchor_penalty_reference(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """anchor_penalty on the PyTorch reference whatever the backend setting."""
+    _check_lora(B, A, U, c)
+    return _LoraPenalty.apply(B, A, U, c, torch_anchor)
+
+
+def anchor_penalty_full_reference(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """anchor_penalty_full on the PyTorch reference whatever the backend setting."""
+    _check_full(W, W0, U, c)
+    return _FullPenalty.apply(W, W0, U, c, torch_anchor)
+
+
+def anchor_penalty_sharded(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int],
+                           U: torch.Tensor, c: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-parameter penalty of a weight of `shape` whose row-major flattening is split
+    across ranks: this rank holds elements [start, start + w.numel()) of W (w) and of W0 (w0).
+    U^T DeltaW is a sum over rows, so each rank forms its partial product from the rows its
+    fragment touches (a fragment may begin and end mid-row), one all-reduce of k x d_in + 1
+    floats completes it together with ||DeltaW||^2, and each rank then forms the gradient of
+    its own elements. Returns (the global penalty, dP/dw for this fragment), both exact; every
+    rank of `group` must call it (an empty fragment included)."""
+    d_out, d_in = shape
+    _check(U, c, d_out)
+    n = w.numel()
+    if w0.numel() != n or start < 0 or start + n > d_out * d_in:
+        raise ValueError(f"fragment [{start}, {start + n}) with {w0.numel()} initial values does not "
+                         f"fit a {d_out} x {d_in} weight")
+    w, w0 = w.reshape(-1), w0.reshape(-1)
+    ops = _pieces(w, w0, U, c)
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    k = U.shape[1]
+    reduced = torch.zeros(k * d_in + 1, dtype=dtype, device=w.device)
+    if n:
+        T, sq = ops.fragment_moments(w, w0, start, shape, U)
+        reduced[:-1] = T.flatten()
+        reduced[-1] = sq
+    if dist.is_initialized():
+        dist.all_reduce(reduced, group=group)
+    T = reduced[:-1].view(k, d_in)
+    weight = _weight(c, T)
+    penalty = reduced[-1] - (weight * T.pow(2).sum(dim=1)).sum()
+    if not n:
+        return penalty, torch.zeros(0, dtype=dtype, device=w.device)
+    scale = torch.tensor(2.0, dtype=dtype, device=w.device)
+    return penalty, ops.fragment_grad(w, w0, start, shape, U, weight[:, None] * T, scale)
