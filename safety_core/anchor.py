@@ -1,0 +1,293 @@
+"""Safety anchoring (AsFT): fine-tune while penalising the part of each adapted layer's update
+that leaves the alignment anchor C = U diag(c) U^T,
+
+    loss = task_loss + lambda * sum_layers ||(I - C) DeltaW||_F^2,
+
+DeltaW = B A for LoRA (times alpha/r only with include_lora_scaling) and W - W0 for full
+parameters. Where the trainable parameters are whole on every rank (ZeRO 0-2) the penalty goes
+through autograd; under ZeRO-3 they are partitioned, so its gradient is added to each rank's
+gradient partition after the last backward of the step and before clipping and the optimizer
+step, through DeepSpeed's tensor-fragment API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+
+from safebasin.safety_core.args import Section
+from safebasin.safety_core.basis import MANIFEST, BasisError, load_basis
+from safebasin.safety_core.ds_config import zero_stage
+
+
+class AnchorArgs(Section):
+    basis: str = Field(description="a folder written by `safebasin align-basis`")
+    lam: float = Field(1.0, alias="lambda", ge=0.0, description="weight of the anchor penalty")
+    include_lora_scaling: bool = Field(False, description="LoRA: penalise (alpha/r) B A instead "
+                                       "of B A (off, as in the AsFT reference code, so its lambda "
+                                       "values transfer)")
+
+    def basis_problem(self) -> str | None:
+        """Why `basis` cannot be used, or None; for failing before any rank starts. (Not a
+        field validator: example configs name a basis that is made in a step before training.)"""
+        from pathlib import Path
+        if not (Path(self.basis) / MANIFEST).exists():
+            return f"{self.basis!r} holds no {MANIFEST}; write a basis with `safebasin align-basis`"
+        return None
+
+
+@dataclass
+class _Layer:
+    name: str                 # module path in the model
+    U: torch.Tensor           # d_out x k on the parameter's device, float32
+    c: torch.Tensor           # k
+
+
+@dataclass
+class _LoraLayer(_Layer):
+    A: torch.nn.Parameter
+    B: torch.nn.Parameter
+    scale: float
+
+
+@dataclass
+class _FullLayer(_Layer):
+    W: torch.nn.Parameter
+    W0: torch.Tensor          # ZeRO 0-2: the whole initial weight; ZeRO-3: this rank's fragment
+    start: int = 0            # ZeRO-3: first flat index of this rank's fragment in W
+    shape: tuple = ()
+
+
+def anchor_factory(args: AnchorArgs):
+    """The trainer's regularizer_factory(model, ds_config) for this config section."""
+    def factory(model, ds_config):
+        return [AnchorRegularizer(args, model, ds_config)]
+    return factory
+
+
+def _shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves p itself empty
+
+
+def _partition(p: torch.nn.Parameter) -> tuple[int, int, object]:
+    """(first flat index, partition size, process group) of this rank's ZeRO-3 partition of p;
+    DeepSpeed pads the flattened parameter to world x size and gives rank i slice i."""
+    group = getattr(p, "ds_process_group", None) or p._z3_optimizer.dp_process_group
+    size = p.ds_tensor.ds_numel
+    return dist.get_rank(group=group) * size, size, group
+
+
+def _lora_modules(model):
+    from peft.tuners.lora import LoraLayer
+    for path, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A and module.lora_A[adapter].weight.requires_grad:
+                yield path, module.lora_A[adapter].weight, module.lora_B[adapter].weight, \
+                    module.scaling[adapter]
+
+
+class AnchorRegularizer:
+    """The trainer's Regularizer for the anchor penalty (see module docstring).
+
+    Metrics per step, measured at the parameters the step's gradient is taken at:
+    `anchor_penalty` = sum over layers of ||(I - C) DeltaW||^2 (before lambda), and
+    `anchor_outside_share` = sum ||(I - U_k U_k^T) DeltaW||^2 / sum ||DeltaW||^2, the share of
+    the update's energy outside span(U_k) (None while DeltaW = 0). For the projector variant
+    (c = 1) the two numerators are the same; for safelora (c != 1) the outside energy is one
+    more penalty evaluation with c = 1, without gradient.
+    """
+
+    def __init__(self, args: AnchorArgs, model, ds_config: dict):
+        self.lam = float(args.lam)
+        self.stage = zero_stage(ds_config)
+        self.grad_accum = int(ds_config.get("gradient_accumulation_steps", 1))
+        self.basis = load_basis(args.basis)
+        self.projector = self.basis.variant == "projector"
+        self._micro = 0
+        self._pending: dict[str, torch.Tensor] = {}
+        lora = list(_lora_modules(model))
+        self.method = "lora" if lora else "full"
+        if lora:
+            self.layers = [self._lora_layer(path, A, B, s if args.include_lora_scaling else 1.0)
+                           for path, A, B, s in lora]
+        else:
+            self.layers = self._full_layers(model)
+            if not self.layers:
+                raise BasisError(f"no trainable 2-D weight of the model has a layer in the basis "
+                                 f"{args.basis} (basis layers look like {self.basis.names[:3]})")
+
+    # -- construction ---------------------------------------------------------------------
+
+    def _anchor_of(self, path: str, d_out: int, d_in: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        name = self.basis.match(path)
+        if name is None:
+            raise BasisError(f"adapted layer {path!r} has no layer in the basis {self.basis.root} "
+                             f"(basis layers look like {self.basis.names[:3]}); extract the basis "
+                             f"with --modules covering every trained module")
+        lb = self.basis.layer(name)
+        if tuple(lb.shape) != (d_out, d_in):
+            raise BasisError(f"layer {path!r} has shape ({d_out}, {d_in}) but its basis layer "
+                             f"{name!r} has {list(lb.shape)}")
+        return lb.U.to(device, torch.float32), lb.c.to(device, torch.float32)
+
+    def _lora_layer(self, path, A, B, scale) -> _LoraLayer:
+        (r, d_in), (d_out, _) = _shape(A), _shape(B)
+        U, c = self._anchor_of(path, d_out, d_in, A.device)
+        return _LoraLayer(path, U, c, A=A, B=B, scale=float(scale))
+
+    def _full_layers(self, model) -> list[_FullLayer]:
+        layers = []
+        for pname, W in model.named_parameters():
+            shape = _shape(W)
+            if not W.requires_grad or len(shape) != 2 or not pname.endswith(".weight"):
+                continue
+            path = pname[: -len(".weight")]
+            if self.basis.match(path) is None:
+                continue  # trained freely: the basis names the anchored layers
+            U, c = self._anchor_of(path, *shape, W.device)
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param
+                start, size, _ = _partition(W)
+                # Captured before any checkpoint is loaded: the initial weights, also on resume.
+                local = safe_get_local_fp32_param(W)
+                if local.numel() != size:
+                    raise RuntimeError(f"{pname}: DeepSpeed's fp32 partition holds {local.numel()} "
+                                       f"elements, expected the partition size {size}")
+                valid = max(0, min(size, shape[0] * shape[1] - start))
+                W0 = local[:valid].detach().to(U.device, torch.float32, copy=True)
+            else:
+                start, W0 = 0, W.detach().clone()
+            layers.append(_FullLayer(path, U, c, W=W, W0=W0, start=start, shape=shape))
+        return layers
+
+    # -- Regularizer protocol -------------------------------------------------------------
+
+    def loss(self, model) -> torch.Tensor | None:
+        if self.stage == 3:
+            return None
+        self._micro += 1
+        if self._micro > 1:
+            return None
+        # DeepSpeed divides every micro-batch loss by the accumulation steps, so adding
+        # grad_accum * lambda * P to one micro-batch puts lambda * dP/dtheta in the step's
+        # gradient once, without recomputing P on every micro-batch.
+        penalty, outside, energy = self._autograd_terms()
+        self._pending = {"penalty": penalty.detach(), "outside": outside, "energy": energy}
+        return (self.grad_accum * self.lam) * penalty
+
+    def before_step(self, engine) -> dict[str, float]:
+        self._micro = 0
+        if self.stage == 3:
+            scale = float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0)
+            if self.method == "lora":
+                penalty, outside, energy = self._zero3_lora(scale)
+            else:
+                penalty, outside, energy = self._zero3_full(scale)
+        else:
+            penalty, outside, energy = (self._pending[k] for k in ("penalty", "outside", "energy"))
+        penalty, outside, energy = float(penalty), float(outside), float(energy)
+        return {"anchor_penalty": penalty,
+                "anchor_outside_share": outside / energy if energy > 0 else None}
+
+    def _ones(self, layer: _Layer) -> torch.Tensor:
+        return torch.ones_like(layer.c)
+
+    # -- replicated parameters: autograd ------------------------------------------------------
+
+    def _autograd_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(penalty with its graph, outside energy, update energy), summed over layers."""
+        from safebasin.kernels import anchor_penalty, anchor_penalty_full
+        total, outside, energy = 0.0, 0.0, 0.0
+        for layer in self.layers:
+            if isinstance(layer, _LoraLayer):
+                B = layer.B.float() * layer.scale
+                A = layer.A.float()
+                p = anchor_penalty(B, A, layer.U, layer.c)
+                with torch.no_grad():
+                    out = p.detach() if self.projector else anchor_penalty(B, A, layer.U, self._ones(layer))
+                    e = ((B.T @ B) * (A @ A.T)).sum()
+            else:
+                W, W0 = layer.W.float(), layer.W0.float()
+                p = anchor_penalty_full(W, W0, layer.U, layer.c)
+                with torch.no_grad():
+                    out = p.detach() if self.projector else anchor_penalty_full(W, W0, layer.U, self._ones(layer))
+                    e = (W - W0).pow(2).sum()
+            # Tensors summed, not floats: no device sync per layer on the forward path.
+            total, outside, energy = total + p, outside + out, energy + e
+        return total, outside, energy
+
+    # -- ZeRO-3: gradient partitions ------------------------------------------------------
+
+    def _zero3_full(self, loss_scale: float):
+        """The exact sharded penalty: per layer one all-reduce of k x d_in + 1 floats, each rank
+        forming the gradient of the rows it holds; no parameter is gathered."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+
+        from safebasin.kernels import anchor_penalty_sharded
+        total, outside, energy, group = 0.0, 0.0, None, None
+        for layer in self.layers:
+            _, _, group = _partition(layer.W)
+            valid = layer.W0.numel()
+            # With optimizer offload the fp32 partition and its gradient live on the CPU; the
+            # collectives run on the anchor's (the parameter's) device.
+            w = safe_get_local_fp32_param(layer.W)[:valid].detach().to(layer.U.device, torch.float32)
+            penalty, g = anchor_penalty_sharded(w, layer.W0, layer.start, layer.shape, layer.U,
+                                                layer.c, group=group)
+            total = total + penalty
+            outside = outside + (penalty if self.projector else anchor_penalty_sharded(
+                w, layer.W0, layer.start, layer.shape, layer.U, self._ones(layer), group=group)[0])
+            with torch.no_grad():  # DeepSpeed's partition buffers may be autograd leaves
+                grad = safe_get_local_grad(layer.W)
+                grad[:valid] += (self.lam * loss_scale) * g.to(grad.device, grad.dtype)
+                safe_set_local_grad(layer.W, grad)
+                local = (w - layer.W0).pow(2).sum().double()
+            energy = local if energy is None else energy + local
+        dist.all_reduce(energy, group=group)  # one reduction for every layer's ||DeltaW||^2
+        return total, outside, energy
+
+    def _zero3_lora(self, loss_scale: float):
+        """LoRA factors are small: gather every layer's fp32 A and B with one all-gather, take
+        the penalty and its gradient by autograd on those copies (identical on every rank), and
+        add each rank's slice of the gradient to its gradient partition."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+
+        from safebasin.kernels import anchor_penalty
+        params = [p for layer in self.layers for p in (layer.A, layer.B)]
+        parts = [_partition(p) for p in params]
+        group = parts[0][2]
+        world = dist.get_world_size(group=group)
+        device = self.layers[0].U.device  # the collective's device (offloaded partitions sit on the CPU)
+        local = torch.cat([safe_get_local_fp32_param(p).detach().to(device, torch.float32).flatten()
+                           for p in params])
+        pieces = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(pieces, local, group=group)
+        gathered = torch.stack(pieces)             # world x sum(partition sizes)
+        full, offset = [], 0
+        for p, (_, size, _) in zip(params, parts):
+            shape = _shape(p)
+            flat = gathered[:, offset:offset + size].reshape(-1)[: shape[0] * shape[1]]
+            full.append(flat.view(shape).clone().requires_grad_(True))
+            offset += size
+        total, outside, energy = 0.0, 0.0, 0.0
+        for i, layer in enumerate(self.layers):
+            A, B = full[2 * i], full[2 * i + 1] * layer.scale
+            penalty = anchor_penalty(B, A, layer.U, layer.c)
+            total = total + penalty
+            with torch.no_grad():
+                outside = outside + (penalty.detach() if self.projector
+                                     else anchor_penalty(B, A, layer.U, self._ones(layer)))
+                energy = energy + ((B.T @ B) * (A @ A.T)).sum()
+        grads = torch.autograd.grad(total, full)
+        for p, (start, size, _), g in zip(params, parts, grads):
+            padded = torch.zeros(world * size, dtype=torch.float32, device=g.device)
+            padded[: g.numel()] = g.flatten()
+            with torch.no_grad():
+                grad = safe_get_local_grad(p)
+                grad += (self.lam * loss_scale) * padded[start:start + size].to(grad.device, grad.dtype)
+                safe_set_local_grad(p, grad)
+        return total.detach(), outside, energy
