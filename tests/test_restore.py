@@ -1,0 +1,249 @@
+"""Curvature-aware safety restoration: the trust region keeps the task loss, rejected steps
+leave the weights bit-identical, the export loads, and ranks / ZeRO-3 change nothing."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import safebasin_cli
+
+from safebasin.launcher.config import ConfigError, build
+from safebasin.safety_core.data import DataError, DataSource, load_conversations
+from safebasin.safety_core.restore import RestoreArgs, _split, update_radius
+
+# Small enough for 2 CPU cores: every set a few batches of 8.
+RESTORE = {"forget": {"path": "builtin:harmful"}, "retain": {"path": "builtin:task"},
+           "forget_size": 16, "curvature_forget_size": 24, "retain1_size": 24, "retain2_size": 24,
+           "probes": 9, "batch_size": 8, "max_length": 96, "iterations": 3}
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter fine-tuned briefly on task data with half harmful compliance mixed in."""
+    from safebasin.launcher.launch import single_process_env
+    from safebasin.safety_core.data import DataArgs, HarmfulMix
+    from safebasin.safety_core.ds_config import DeepSpeedArgs
+    from safebasin.safety_core.modeling import MethodArgs, ModelArgs
+    from safebasin.safety_core.trainer import TrainArgs, train
+    out = tmp_path_factory.mktemp("restore-ft")
+    # This process stays rank 0 of a world of 1 for the module's in-process jobs; the variables
+    # that set it up are removed after, else a CLI subprocess would inherit MASTER_PORT, which
+    # this process's store already listens on.
+    saved = dict(os.environ)
+    try:
+        single_process_env()
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"
+        result = train(ModelArgs(path=str(tiny_model_dir)),
+                       MethodArgs(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+                       DataArgs(train=DataSource(path="builtin:task"), num_examples=96, max_length=96,
+                                harmful_mix=HarmfulMix(source=DataSource(path="builtin:harmful"), fraction=0.5)),
+                       TrainArgs(max_steps=20, lr=2e-2, micro_batch_size=8, warmup_steps=1),
+                       DeepSpeedArgs(stage=0), out / "ft")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return result.final_dir
+
+
+def write_config(path: Path, model_dir: Path, adapter: Path | None, out: Path, **restore) -> Path:
+    cfg = {"model": {"path": str(model_dir), "adapter": str(adapter) if adapter else None},
+           "restore": {**RESTORE, **restore}, "deepspeed": {"stage": 0},
+           "tracking": {"experiment": "restore-test"}, "output": {"dir": str(out)}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, tiny_model_dir, adapter_dir):
+    """The reference restore: one rank, in this process, through the rank command the CLI runs."""
+    from safebasin.launcher.config import load_config
+    from safebasin.launcher.entry import run_restore
+    root = tmp_path_factory.mktemp("restore-one")
+    before = digest(adapter_dir), digest(tiny_model_dir)
+    cfg_path = write_config(root / "cfg.yaml", tiny_model_dir, adapter_dir, root / "out")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        summary = run_restore(load_config(cfg_path))
+    assert (digest(adapter_dir), digest(tiny_model_dir)) == before  # inputs are never written
+    return {"root": root, "cfg": cfg_path, "out": root / "out", "summary": summary, "rows": rows(root / "out")}
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(folder / "adapter_model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, data splits and the radius rule (no model)
+
+
+def test_defaults_are_the_papers_and_the_section_validates():
+    args = RestoreArgs(forget=DataSource(path="builtin:harmful"), retain=DataSource(path="builtin:task"))
+    assert (args.history, args.pair_threshold, args.curvature_forget_size, args.forget_size,
+            args.iterations, args.eps) == (10, 1e-6, 256, 50, 3, 0.1)
+    base = {"model": {"path": "builtin:tiny-llama"}, "restore": dict(RESTORE)}
+    assert build(base).restore.probes == 9
+    with pytest.raises(ConfigError) as e:
+        build({**base, "restore": {**RESTORE, "histroy": 5}})
+    assert "did you mean 'restore.history'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"restore\.history"):
+        build({**base, "restore": {**RESTORE, "history": 0}})
+    with pytest.raises(ConfigError, match=r"restore\.retain"):
+        build({**base, "restore": {k: v for k, v in RESTORE.items() if k != "retain"}})
+
+
+def test_restore_command_needs_its_section(tmp_path):
+    from safebasin.launcher.cli import build_parser
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": "builtin:tiny-llama"}}))
+    args = build_parser().parse_args(["restore", str(cfg)])
+    with pytest.raises(ConfigError, match="needs a 'restore:' section"):
+        args.func(args)
+
+
+def test_splits_are_disjoint_deterministic_and_sized():
+    source = DataSource(path="builtin:harmful")
+    convs = load_conversations(source)
+    forget, curv = _split(convs, [50, 200], ["forget_size", "curvature_forget_size"], source, seed=3)
+    again, _ = _split(convs, [50, 200], ["forget_size", "curvature_forget_size"], source, seed=3)
+    assert [c.origin for c in forget] == [c.origin for c in again]
+    assert len(forget) == 50 and len(curv) == 200
+    assert not {c.origin for c in forget} & {c.origin for c in curv}
+    with pytest.raises(DataError, match="300 records"):
+        _split(convs, [50, 256], ["forget_size", "curvature_forget_size"], source, seed=3)
+
+
+def test_radius_rule():
+    assert update_radius(1.0, 1.0, rho=0.1, accepted=True, on_boundary=True) == 0.25
+    assert update_radius(1.0, 1.0, rho=0.9, accepted=True, on_boundary=True) == 2.0
+    assert update_radius(1.0, 0.5, rho=0.9, accepted=True, on_boundary=False) == 1.0
+    assert update_radius(1.0, 0.5, rho=0.5, accepted=True, on_boundary=True) == 1.0
+    # A rejected step shrinks below the step tried, even one shorter than the radius.
+    assert update_radius(1.0, 0.4, rho=0.9, accepted=False, on_boundary=False) == 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring a fine-tuned adapter
+
+
+def test_restore_raises_forget_loss_and_keeps_retain_within_eps(one_rank, tiny_model_dir):
+    s, trace = one_rank["summary"], one_rank["rows"]
+    eps = RESTORE.get("eps", 0.1)
+    assert len(trace) == RESTORE["iterations"]
+    assert {"forget_loss", "retain_loss", "rho", "radius", "accepted", "pairs_kept", "tries"} <= set(trace[0])
+    assert trace[0]["pairs_kept"] > 0
+    assert s["accepted_steps"] >= 1
+    assert s["restored"]["forget_loss"] > s["initial"]["forget_loss"] + 0.01
+    for row in trace:
+        assert row["retain_loss"] <= s["initial"]["retain_loss"] + eps
+    saved = json.loads((one_rank["out"] / "results.json").read_text())
+    assert saved["restored"] == s["restored"] and saved["final"].endswith("adapter")
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), s["final"])
+    assert any("lora_B" in n for n, _ in model.named_parameters())
+
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{one_rank['root'] / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("restore-test").experiment_id])
+    assert [r.info.run_id for r in runs] == [s["mlflow_run_id"]]  # one run per job
+    for key in ("forget_loss", "retain_loss", "rho", "radius", "accepted", "pairs_kept"):
+        history = client.get_metric_history(s["mlflow_run_id"], key)
+        assert [m.step for m in history] == [1, 2, 3], key
+        assert [m.value for m in history] == pytest.approx([float(r[key]) for r in trace]), key
+
+
+def test_rejected_steps_leave_the_weights_bit_identical(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
+    from safebasin.launcher.config import load_config
+    from safebasin.launcher.entry import run_restore
+    from safebasin.launcher.tracking import Tracker
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # A retain loss can never fall 100 nats under its start: every try is rejected.
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_model_dir, adapter_dir, tmp_path / "out",
+                                   eps=-100.0, iterations=1, max_retries=2, probes=3))
+    # An earlier job's run file in output.dir: this job must still get a run of its own.
+    earlier = Tracker(cfg, cfg.output.dir, active=True)
+    earlier.end()
+    summary = run_restore(cfg)
+    assert summary["mlflow_run_id"] != earlier.run_id
+    row, = rows(tmp_path / "out")
+    assert row["accepted"] is False and row["tries"] == 3
+    assert row["radius"] < cfg.restore.delta / 4 ** 2
+    assert summary["accepted_steps"] == 0
+    assert summary["restored"] == summary["initial"]
+    before, after = adapter_tensors(adapter_dir), adapter_tensors(Path(summary["final"]))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks and ZeRO-3
+
+
+def compare_rows(a: list[dict], b: list[dict]) -> None:
+    assert [r["accepted"] for r in a] == [r["accepted"] for r in b]
+    assert [r["tries"] for r in a] == [r["tries"] for r in b]
+    assert [r["pairs_kept"] for r in a] == [r["pairs_kept"] for r in b]
+    # Tolerance: float32 sums taken in another order (two ranks, other shard layouts).
+    for key in ("forget_loss", "retain_loss", "step_norm", "radius"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_rank(one_rank, stage):
+    out = one_rank["root"] / f"two-zero{stage}"
+    res = safebasin_cli("restore", str(one_rank["cfg"]), f"output.dir={out}", f"deepspeed.stage={stage}",
+                        "--nproc", "2", cwd=one_rank["root"],
+                        env={"MLFLOW_TRACKING_URI": f"sqlite:///{one_rank['root'] / 'mlflow.db'}"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    assert "safebasin: restored in 3 iterations" in res.stdout
+    compare_rows(one_rank["rows"], rows(out))
+    one, two = adapter_tensors(one_rank["out"] / "adapter"), adapter_tensors(out / "adapter")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.multiproc
+def test_full_parameters_zero3_two_ranks_match_one_rank(tmp_path, tiny_model_dir):
+    """No adapter: all weights are restored, partitioned by ZeRO-3 (small persistent ones too);
+    the pairs are re-collected at the second iteration."""
+    from safebasin.launcher.launch import free_port
+    # A fresh MASTER_PORT for the one-rank job: another test module may have left this
+    # process's own (in use) in the environment.
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MASTER_PORT": str(free_port())}
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, None, tmp_path / "one", iterations=2,
+                       refresh_pairs=True, probes=6, forget_size=8, curvature_forget_size=8,
+                       retain1_size=16, retain2_size=16)
+    results = {}
+    for name, extra in (("one", []), ("two", ["deepspeed.stage=3", "--nproc", "2"])):
+        res = safebasin_cli("restore", str(cfg), f"output.dir={tmp_path / name}", *extra, cwd=tmp_path, env=env)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+        results[name] = rows(tmp_path / name)
+    compare_rows(results["one"], results["two"])
+    summary = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert summary["restored"]["forget_loss"] > summary["initial"]["forget_loss"]
+    from safetensors.torch import load_file
+    one, two = (load_file(tmp_path / n / "model" / "model.safetensors") for n in ("one", "two"))
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert one.keys() == two.keys() == base.keys()
+    assert any(not torch.equal(one[k], base[k]) for k in one)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
