@@ -16,9 +16,13 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from safebasin.safety_core.args import Section
+from safebasin.safety_core.anchor import AnchorArgs
 from safebasin.safety_core.data import DataArgs
 from safebasin.safety_core.ds_config import DeepSpeedArgs
+from safebasin.safety_core.evaluation import EvalArgs
+from safebasin.safety_core.instruments import LandscapeJobArgs
 from safebasin.safety_core.modeling import MethodArgs, ModelArgs
+from safebasin.safety_core.restore import RestoreArgs
 from safebasin.safety_core.trainer import TrainArgs
 
 
@@ -46,6 +50,10 @@ class JobConfig(Section):
     deepspeed: DeepSpeedArgs = Field(default_factory=lambda: DeepSpeedArgs(stage=0))
     tracking: TrackingArgs = Field(default_factory=TrackingArgs)
     output: OutputArgs = Field(default_factory=OutputArgs)
+    eval: EvalArgs | None = None
+    landscape: LandscapeJobArgs | None = None
+    anchor: AnchorArgs | None = None
+    restore: RestoreArgs | None = None
 
     @model_validator(mode="after")
     def _output_is_not_input(self):
@@ -126,7 +134,8 @@ def describe(err: ValidationError, schema: type[BaseModel] = None) -> list[str]:
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             owner = _model_at(schema, loc)
-            allowed = sorted(owner.model_fields) if owner else []
+            # YAML keys are the aliases where a field has one (anchor.lambda, not anchor.lam).
+            allowed = sorted(f.alias or n for n, f in owner.model_fields.items()) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"; did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?" if close else ""
             problems.append(f"{key}: unknown key; allowed here: {allowed}{hint}")
@@ -161,7 +170,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
 def dump(config: JobConfig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
+    # Written aside and renamed: with a shared output.dir every node of a per-node launch writes
+    # this file while the ranks of other nodes may already be reading it.
+    tmp = path.with_name(f".{path.name}.{os.uname().nodename}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
+    os.replace(tmp, path)
     return path
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safebasin.launcher.config import JobConfig, load_config
 from safebasin.launcher.launch import single_process_env
+from safebasin.launcher.measure import run_eval, run_landscape
 from safebasin.launcher.tracking import Tracker
 
 
@@ -26,8 +27,12 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
     out = Path(cfg.output.dir)
     tracker = Tracker(cfg, out, active=global_rank() == 0)
     try:
+        factory = None
+        if cfg.anchor is not None:
+            from safebasin.safety_core.anchor import anchor_factory
+            factory = anchor_factory(cfg.anchor)
         result = train(cfg.model, cfg.method, cfg.data, cfg.train, cfg.deepspeed, out,
-                       log_fn=tracker.log_metrics, resume=resume,
+                       regularizer_factory=factory, log_fn=tracker.log_metrics, resume=resume,
                        client_state={"mlflow_run_id": tracker.run_id})
     except BaseException:
         tracker.end("FAILED")
@@ -42,7 +47,36 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
     return summary
 
 
-RANK_COMMANDS = {"train": run_train}
+def run_restore(cfg: JobConfig, resume: bool = False) -> dict:
+    from safebasin.safety_core.restore import restore
+    cfg.require("restore")
+    out = Path(cfg.output.dir)
+    if global_rank() == 0:
+        # A restore never resumes: a run file left by an earlier job in this folder must not make
+        # this job log into that job's MLflow run.
+        from safebasin.launcher.tracking import RUN_FILE
+        (out / RUN_FILE).unlink(missing_ok=True)
+    tracker = Tracker(cfg, out, active=global_rank() == 0)
+    try:
+        # MLflow takes numbers: the accepted flag is logged as 0/1.
+        result = restore(cfg.model, cfg.method, cfg.restore, cfg.deepspeed, out,
+                         log_fn=lambda row, it: tracker.log_metrics({**row, "accepted": int(row["accepted"])}, it))
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    summary = {"output_dir": str(out.resolve()), "final": str(result.final_dir.resolve()),
+               "iterations": len(result.rows), "metrics": result.rows[-1] if result.rows else {},
+               **result.summary, "mlflow_run_id": tracker.run_id}
+    if global_rank() == 0:
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        tracker.log_metrics({f"initial_{k}": v for k, v in result.summary["initial"].items()}, 0)
+        for name in ("config.yaml", "results.json", "metrics.jsonl"):
+            tracker.log_artifact(out / name)
+    tracker.end()
+    return summary
+
+
+RANK_COMMANDS = {"eval": run_eval, "landscape": run_landscape, "train": run_train, "restore": run_restore}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,6 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not Path(args.config).is_file():
+        # A hostfile launch writes the resolved config on the launching host only.
+        raise SystemExit(f"safebasin rank {global_rank()} on {os.uname().nodename}: {args.config} does not "
+                         f"exist here; --hostfile runs need output.dir on a filesystem shared by all hosts "
+                         f"(else launch per node with --nnodes/--node-rank)")
     single_process_env()
     RANK_COMMANDS[args.command](load_config(args.config), args.resume)
 

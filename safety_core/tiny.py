@@ -6,6 +6,7 @@ Tests and the embedded default use it so that nothing ever touches a model hub.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -72,11 +73,19 @@ def resolve_builtin_model(path: str) -> str:
     target = cache_dir() / "tiny-llama-v1"
     if not (target / "config.json").exists():
         # Build beside the target and rename, so a concurrent rank never sees a half-written folder.
-        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        tmp = target.with_name(f"{target.name}.tmp{os.uname().nodename}.{os.getpid()}")
         build_tiny_model(tmp)
+        if not (tmp / "config.json").exists():
+            # transformers' save_pretrained writes nothing on a non-zero rank once torch.distributed
+            # is up; the launcher builds the model before ranks start so this does not happen.
+            raise RuntimeError(f"building {BUILTIN_TINY} in {tmp} wrote no config.json (called from a "
+                               f"non-zero rank of a running job?); run `safebasin tiny-model DIR` first")
+        if target.exists() and not (target / "config.json").exists():
+            shutil.rmtree(target, ignore_errors=True)  # a broken cache entry from an older build
         try:
             tmp.rename(target)
         except OSError:
             if not (target / "config.json").exists():
                 raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
     return str(target)

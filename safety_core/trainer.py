@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field, model_validator
 
+from safebasin.safety_core import checkpoints
 from safebasin.safety_core import data as data_lib
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.data import DataArgs, StepSampler
@@ -80,12 +81,28 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def init_distributed(timeout_minutes: int) -> tuple[int, int]:
+def collective_timeout(timeout_minutes: int):
+    """How long a rank waits in a collective (or the rendezvous) before failing: a dead or hung
+    peer then ends the job instead of hanging it. SAFEBASIN_COLLECTIVE_TIMEOUT_S overrides the
+    config in seconds, for tests and for jobs that want failures detected within seconds."""
     import datetime
+    seconds = os.environ.get("SAFEBASIN_COLLECTIVE_TIMEOUT_S")
+    if seconds:
+        return datetime.timedelta(seconds=float(seconds))
+    return datetime.timedelta(minutes=timeout_minutes)
 
+
+def init_distributed(timeout_minutes: int) -> tuple[int, int]:
     import deepspeed
+    from torch.distributed import distributed_c10d
     if not dist.is_initialized():
-        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = collective_timeout(timeout_minutes)
+        # DeepSpeed makes its data-parallel subgroups with new_group(ranks), which takes torch's
+        # default timeout (30 min gloo, 10 min NCCL) rather than the job's: a hung peer would block
+        # the gradient reductions that long whatever the config says.
+        distributed_c10d.default_pg_timeout = timeout
+        distributed_c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -136,6 +153,14 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
                           hidden_size=hidden, total_steps=total_steps,
                           warmup_steps=train_args.warmup_steps, on_cpu=on_cpu)
     stage = zero_stage(ds_config)
+    ckpt = latest_checkpoint(out_dir)
+    if resume and ckpt is not None and checkpoints.universal_needed(ckpt, world):
+        # Saved at another world size: load the universal form the launcher converted.
+        if not checkpoints.universal_ready(ckpt):
+            raise checkpoints.CheckpointError(
+                f"{ckpt} was saved by {checkpoints.saved_world_size(ckpt)} ranks, this job has {world}: "
+                f"resume through the safebasin CLI, which converts it to a universal checkpoint first")
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     # Keeping this object alive makes from_pretrained partition weights as they load (ZeRO-3).
     hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None
     model = make_trainable(load_model(model_args, for_training=True), method)
@@ -149,7 +174,6 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
         regularizers = list(regularizers) + list(regularizer_factory(engine.module, ds_config))
 
     start_step, client_state = 0, dict(client_state or {})
-    ckpt = latest_checkpoint(out_dir)
     if resume and ckpt is not None:
         _, loaded = engine.load_checkpoint(str(ckpt))
         ours = loaded["safebasin"]
@@ -157,6 +181,8 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
         client_state = {**ours, **client_state}
     elif resume and is_rank0:
         print(f"[safebasin] --resume: no checkpoint under {out_dir / 'checkpoints'}; starting fresh")
+    if resume:
+        _check_same_start(start_step, engine.device)
     metrics_path = out_dir / "metrics.jsonl"
     if is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +194,8 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     def batch_to(examples):
         return {k: v.to(device) for k, v in data_lib.collate(examples, pad_id).items()}
 
-    # Fault injection for resume and failure tests: crash this rank after the given step.
+    # Fault injection for resume and failure tests: this rank crashes (or, with
+    # SAFEBASIN_FAIL_MODE=hang, stops answering) after the given step.
     fail_after = int(os.environ.get("SAFEBASIN_FAIL_AFTER_STEP", "0"))
     fail_rank = int(os.environ.get("SAFEBASIN_FAIL_RANK", "0"))
     from tqdm.auto import tqdm
@@ -216,7 +243,7 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
         if train_args.save_every and (step + 1) % train_args.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(engine, out_dir, step + 1, client_state, train_args.keep_checkpoints, is_rank0)
         if fail_after == step + 1 and rank == fail_rank:
-            raise RuntimeError(f"SAFEBASIN_FAIL_AFTER_STEP={fail_after}: injected failure on rank {rank}")
+            _inject_failure(fail_after, rank)
     progress.close()
 
     final = dict(last)
@@ -256,14 +283,47 @@ def evaluate_loss(engine, examples, batch_to, batch_size: int) -> float:
 
 def save_checkpoint(engine, out_dir: Path, step: int, client_state: dict, keep: int, is_rank0: bool) -> None:
     ckpt = out_dir / "checkpoints"
-    # DeepSpeed rewrites `latest` only after every shard of the new tag is written, so a crash
-    # mid-save leaves the previous checkpoint as the one to resume from.
-    engine.save_checkpoint(str(ckpt), tag=f"step{step}", client_state={"safebasin": {**client_state, "step": step}})
+    # The world size tells a resume whether the ZeRO shards must go through the universal format.
+    # DeepSpeed's own `latest` is written by rank 0 once rank 0's files are done, while other
+    # ranks may still be writing their shards: a crash then would leave it naming an incomplete
+    # checkpoint. So `latest` is written here, after the barrier that ends save_checkpoint (every
+    # shard is written by then), and atomically; a crash mid-save keeps the previous checkpoint.
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False, client_state={
+        "safebasin": {**client_state, "step": step, "world_size": dist.get_world_size()}})
+    if is_rank0:
+        tmp = ckpt / f".latest.{os.getpid()}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt / "latest")
     dist.barrier()
     if is_rank0:
         tags = sorted((p for p in ckpt.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        # A universal copy made for a resume is stale once the job saves again.
+        for old in ckpt.glob(checkpoints.UNIVERSAL_PREFIX + "*"):
+            shutil.rmtree(old, ignore_errors=True)
+        (ckpt / "latest_universal").unlink(missing_ok=True)
+
+
+def _inject_failure(step: int, rank: int) -> None:
+    if os.environ.get("SAFEBASIN_FAIL_MODE") == "hang":
+        # A hung node: the process stays, its connections stay open, and its peers see no error
+        # until the collective timeout. A signal from its launcher still ends it.
+        print(f"[safebasin] SAFEBASIN_FAIL_MODE=hang: rank {rank} stops after step {step}", flush=True)
+        while True:
+            time.sleep(3600)
+    raise RuntimeError(f"SAFEBASIN_FAIL_AFTER_STEP={step}: injected failure on rank {rank}")
+
+
+def _check_same_start(step: int, device) -> None:
+    """Every rank must resume from the same step. They differ when OUTPUT is not on a filesystem
+    shared by all nodes (DeepSpeed writes `latest` and the model states on rank 0's node only)."""
+    both = torch.tensor([step, -step], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if int(both[0]) != -int(both[1]):
+        raise RuntimeError(f"ranks resume from different steps ({-int(both[1])} to {int(both[0])}): "
+                           f"--resume needs output.dir on a filesystem shared by all nodes")
 
 
 def _truncate_metrics(path: Path, upto_step: int) -> None:

@@ -46,3 +46,23 @@ def safebasin_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int =
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "safebasin.launcher.cli", *args], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def aligned_pair(tmp_path_factory, session_cache) -> tuple[Path, Path]:
+    """(base, aligned): a tiny Llama whose MLP has an odd row count (175), so that ZeRO-3
+    partitions of its 2-D weights start mid-row on 2 ranks, and a perturbed copy of it standing
+    in for the aligned model (every weight moved by a seeded Gaussian, scale 0.02)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from safebasin.safety_core.tiny import build_tiny_model
+    root = tmp_path_factory.mktemp("aligned-pair")
+    base = build_tiny_model(root / "base", intermediate_size=175)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(root / "aligned")
+    return base, root / "aligned"
