@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/safebasin train examples/tiny_lora.yaml
+	$(VENV)/bin/safebasin demo
 
 test: setup
 	$(PY) -m pytest -q -ra

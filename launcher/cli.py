@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_safe_lora_project)
     from safebasin.launcher import measure
     measure.register(sub, _add_job_args)
+    from safebasin.launcher import demo
+    demo.register(sub)
     return parser
 
 

@@ -23,8 +23,9 @@ class Tracker:
         mlflow.set_tracking_uri(config.tracking.resolved_uri())
         mlflow.set_experiment(config.tracking.experiment)
         run_file = self.out_dir / RUN_FILE
-        if run_file.exists():
-            self.run_id = json.loads(run_file.read_text())["run_id"]
+        previous = self._previous_run(run_file)
+        if previous is not None:
+            self.run_id = previous
             mlflow.start_run(run_id=self.run_id)
             return
         from safebasin.launcher.config import flatten
@@ -39,6 +40,25 @@ class Tracker:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": mlflow.get_tracking_uri(),
                                         "experiment": config.tracking.experiment}))
+
+    def _previous_run(self, run_file: Path) -> str | None:
+        """The run this output folder's job logged to, when it is in the current store: a
+        resumed or re-run job continues it. One recorded in another store (the URI changed, or
+        the database was removed) cannot be reattached; the job then gets a new run."""
+        if not run_file.exists():
+            return None
+        from mlflow.exceptions import MlflowException
+        recorded = json.loads(run_file.read_text())
+        current = self._mlflow.get_tracking_uri()
+        if recorded.get("tracking_uri") == current:
+            try:
+                self._mlflow.get_run(recorded["run_id"])
+                return recorded["run_id"]
+            except MlflowException:
+                pass  # reported below
+        print(f"[safebasin] MLflow run {recorded['run_id']} recorded in {run_file} is not in the store "
+              f"{current}; starting a new run")
+        return None
 
     def log_metrics(self, row: dict, step: int | None = None) -> None:
         if not self.active:

@@ -1,0 +1,221 @@
+"""`safebasin demo`: the model-organism demo, from nothing to the table, offline and seeded.
+
+Each stage is an ordinary job (the configs safety_core.demo.organism writes) started through
+`run_job`, so `--nproc N` runs the training, restoration and evaluation stages on N ranks with
+the same launch machinery as `safebasin train`; the basis extraction, the landscapes and the
+report run in this process. MLflow: one parent run for the demo, and each stage's own run (the
+training or restoration job's) nested under it and given the stage's evaluation metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from safebasin.launcher.config import ConfigError, TrackingArgs, apply_overrides, build
+
+MARKER = "demo_manifest.json"
+EXPERIMENT = "safebasin-demo"
+
+
+def load_settings(quick: bool, overrides: list[str]):
+    from safebasin.safety_core.demo.settings import QUICK, DemoSettings, merge
+    raw = DemoSettings().model_dump(mode="json", by_alias=True)
+    if quick:
+        raw = merge(raw, QUICK)
+    return build(apply_overrides(raw, list(overrides)), schema=DemoSettings)
+
+
+def prepare_folder(out: Path) -> Path:
+    """A fresh output folder. An existing one is replaced only when a previous demo wrote it
+    (it holds the demo's marker file) or it is empty; anything else is refused, never deleted."""
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError([f"--out {out} exists and is not a folder"])
+        if (out / MARKER).is_file():
+            shutil.rmtree(out)
+        elif any(out.iterdir()):
+            raise ConfigError([f"--out {out} holds files that no safebasin demo wrote; choose another "
+                               f"folder (a previous demo's folder, with its {MARKER}, is replaced)"])
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def launch_args(nproc: int) -> argparse.Namespace:
+    """What run_job reads of the launch options: N ranks on this node, nothing else."""
+    return argparse.Namespace(nproc=nproc, launcher="deepspeed", hostfile=None, include=None, exclude=None,
+                              nnodes=None, node_rank=None, master_addr=None, master_port=None,
+                              rank_logs=None, resume=False)
+
+
+class DemoRuns:
+    """The parent MLflow run (made with the client, so the stages' own runs can be active in
+    this process meanwhile) and the nesting of each stage's run under it."""
+
+    def __init__(self, uri: str, run_name: str, params: dict):
+        from mlflow.tracking import MlflowClient
+
+        from safebasin.launcher.config import flatten
+        self.uri, self.client = uri, MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
+        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        for k, v in flatten(params).items():
+            self.client.log_param(self.run_id, k, str(v)[:6000])
+        self.stage_runs: dict[str, str] = {}
+
+    def adopt(self, stage: str, run_id: str | None, metrics: dict[str, float]) -> None:
+        """Nest the stage's run under the demo's (MLflow's parent tag) and log its evaluation."""
+        if run_id is None:
+            raise RuntimeError(f"stage {stage}: its job made no MLflow run")
+        self.stage_runs[stage] = run_id
+        self.client.set_tag(run_id, "mlflow.parentRunId", self.run_id)
+        for k, v in metrics.items():
+            self.client.log_metric(run_id, f"eval_{k}", v)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.client.log_metric(self.run_id, k, v)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def run_demo(settings, out: Path, nproc: int, *, log=print) -> dict:
+    import torch
+
+    from safebasin.launcher.cli import run_job
+    from safebasin.safety_core.basis import extract_basis
+    from safebasin.safety_core.demo import landscapes, organism, report
+    from safebasin.safety_core.evaluation import flat_metrics
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(settings.threads)
+    layout = organism.Layout(out.resolve())
+    (out / MARKER).write_text(json.dumps({"safebasin_demo": 1, "settings": settings.model_dump(by_alias=True)},
+                                         indent=2))
+    uri = TrackingArgs().resolved_uri()
+    tracking = {"experiment": EXPERIMENT, "uri": uri}
+    runs = DemoRuns(uri, f"demo {out.name}", settings.model_dump(mode="json", by_alias=True))
+    args = launch_args(nproc)
+    seconds: dict[str, float] = {}
+    stages: dict[str, dict] = {}
+
+    @contextmanager
+    def timed(name: str):
+        t = time.perf_counter()
+        yield
+        seconds[name] = time.perf_counter() - t
+
+    def job(command: str, raw: dict) -> dict:
+        return run_job(command, build(raw), args)
+
+    def evaluate(name: str, run_id: str | None) -> None:
+        summary = job("eval", organism.eval_config(settings, layout, name))
+        stages[name] = report.stage_numbers(summary, settings.eval.prefill_k)
+        runs.adopt(name, run_id, flat_metrics(summary))
+        r = stages[name]
+        log(f"[demo] {name}: HRR {r['hrr']:.3f}, prefill ASR {r['prefill_asr']:.3f}, "
+            f"task accuracy {r['task_accuracy']:.3f}, task loss {r['task_loss']:.3f}")
+
+    try:
+        with timed("setup"):
+            organism.build_initial_model(settings, layout)
+        for name in ("base", "aligned"):
+            with timed(name):
+                summary = job("train", organism.full_stage_config(settings, layout, name, tracking))
+            evaluate(name, summary["mlflow_run_id"])
+        with timed("basis"):
+            a = settings.anchor
+            extract_basis(str(layout.stage("aligned") / "model"), str(layout.stage("base") / "model"),
+                          layout.basis, modules=list(settings.attack.target_modules), variant=a.variant,
+                          rank=a.rank, device="cpu")
+        for name in ("lora", "asft"):
+            with timed(name):
+                summary = job("train", organism.attack_config(settings, layout, name, tracking))
+            evaluate(name, summary["mlflow_run_id"])
+        with timed("restored"):
+            summary = job("restore", organism.restore_config(settings, layout, tracking))
+        evaluate("restored", summary["mlflow_run_id"])
+        with timed("landscapes"):
+            scapes = landscapes.run(settings, layout, out / "landscape")
+        files = report.stage_plots(stages, out / "plots")
+        found = report.checks(stages)
+        result = {
+            "stages": stages,
+            "checks": found,
+            "phenomenon_shown": all(c["ok"] for c in found.values()),
+            "landscape": {name: {"alphas": r["alphas"], "hrr": r["curves"][name], "basin": r["basin"][name],
+                                 "threshold": r["threshold"], "png": r["files"].get("png")}
+                          for name, r in scapes.items()},
+            "plots": files,
+            "n_heldout_prompts": settings.data.heldout, "n_task_eval": settings.data.task_eval,
+            "prefill_k": settings.eval.prefill_k,
+            "mlflow": {"tracking_uri": uri, "experiment": EXPERIMENT, "parent_run_id": runs.run_id,
+                       "stage_run_ids": runs.stage_runs},
+            "stage_seconds": seconds,
+            "nproc": nproc,
+            "settings": settings.model_dump(mode="json", by_alias=True),
+            "machine": {"cpus": os.cpu_count(), "loadavg_at_end": list(os.getloadavg())},
+        }
+        result["wall_seconds"] = time.perf_counter() - t_start
+        path = report.write_json(result, out / "results.json")
+        runs.log_metrics({f"{stage}.{m}": v for stage, row in stages.items() for m, v in row.items()
+                          if v is not None})
+        runs.log_metrics({"wall_seconds": result["wall_seconds"],
+                          "phenomenon_shown": float(result["phenomenon_shown"])})
+        for png in [*files.values(), *(r["files"]["png"] for r in scapes.values())]:
+            runs.log_artifact(Path(png), "plots")
+        runs.log_artifact(path)
+    except BaseException:
+        runs.end("FAILED")
+        raise
+    runs.end("FINISHED")
+    return result
+
+
+def cmd_demo(args) -> int:
+    from safebasin.safety_core.demo import report
+    if args.nproc < 1:
+        raise ConfigError([f"--nproc must be >= 1, got {args.nproc}"])
+    settings = load_settings(args.quick, args.overrides)
+    out = prepare_folder(Path(args.out))
+    result = run_demo(settings, out, args.nproc)
+    if args.json:
+        report.write_json(result, args.json)
+    print()
+    print(report.table(result["stages"], result["prefill_k"], result["n_heldout_prompts"], result["n_task_eval"]))
+    print(report.check_lines(result["checks"]))
+    print(f"\nsafebasin demo: {'the phenomenon is shown' if result['phenomenon_shown'] else 'NOT every check holds'}"
+          f"; {result['wall_seconds']:.0f} s on {result['nproc']} rank(s)")
+    print(f"  results: {(out / 'results.json').resolve()}")
+    print(f"  plots:   {(out / 'plots').resolve()}, {(out / 'landscape').resolve()}")
+    m = result["mlflow"]
+    print(f"  MLflow:  parent run {m['parent_run_id']} in experiment {m['experiment']!r} at {m['tracking_uri']}"
+          f"  (view: mlflow ui --backend-store-uri {m['tracking_uri']})")
+    return 3 if args.check and not result["phenomenon_shown"] else 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="the model-organism demo: align a tiny model, attack it with a "
+                       "harmful fine-tune, anchor and restore it; offline, a few minutes on a CPU")
+    p.add_argument("overrides", nargs="*", help="dotted settings overrides, e.g. attack.fraction=0.3 "
+                   "(see safebasin/safety_core/demo/settings.py)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); a previous "
+                   "demo's folder is replaced, any other non-empty folder is refused")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results JSON here")
+    p.add_argument("--nproc", type=int, default=1, help="ranks for the training, restoration and "
+                   "evaluation stages (default 1: everything in this process)")
+    p.add_argument("--quick", action="store_true", help="every stage tiny (tests the pipeline, not "
+                   "the phenomenon)")
+    p.add_argument("--check", action="store_true", help="exit with status 3 when a check of the "
+                   "phenomenon fails")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,158 @@
+"""The model organism: where each stage's inputs and outputs live, the random tiny Llama the
+demo starts from, and each stage written as an ordinary job config (the same schema `safebasin
+train`, `restore` and `eval` take), so the demo runs the project's own code paths.
+
+Stages: base (task + compliance, from random weights) -> aligned (task + refusals, full
+fine-tune of base) -> alignment basis (aligned - base) -> the harmful fine-tuning attack on the
+aligned model as plain LoRA (`lora`) and as AsFT-anchored LoRA (`asft`) -> curvature-aware
+restoration of the plain LoRA adapter (`restored`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from safebasin.safety_core.demo import data as demo_data
+from safebasin.safety_core.demo.settings import DemoSettings
+from safebasin.safety_core.tiny import build_tokenizer
+
+STAGES = ("base", "aligned", "lora", "asft", "restored")
+LABELS = ["positive", "negative"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every path of a demo folder."""
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def data_file(self, name: str) -> str:
+        return str(self.data / f"{name}.jsonl")
+
+    @property
+    def init(self) -> Path:
+        return self.root / "init"
+
+    @property
+    def basis(self) -> Path:
+        return self.root / "basis"
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def eval_dir(self, name: str) -> Path:
+        return self.root / "eval" / name
+
+    def model_args(self, name: str) -> dict:
+        """The ModelArgs of a stage's result: a model folder, or the aligned model plus an adapter."""
+        if name in ("base", "aligned"):
+            return {"path": str(self.stage(name) / "model")}
+        return {"path": str(self.stage("aligned") / "model"), "adapter": str(self.stage(name) / "adapter")}
+
+
+def build_initial_model(settings: DemoSettings, layout: Layout) -> Path:
+    """Write the demo's data, a tokenizer trained on its training text, and a random tiny Llama."""
+    s = settings.data
+    paths = demo_data.write_all(layout.data, n_task=s.task, n_task_eval=s.task_eval, n_harmful=s.harmful,
+                                n_heldout=s.heldout, seed=settings.seed)
+    shape = settings.model
+    tokenizer = build_tokenizer(demo_data.tokenizer_corpus(paths), vocab_size=shape.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=4 * s.max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(settings.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    layout.init.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(layout.init, safe_serialization=True)
+    tokenizer.save_pretrained(layout.init)
+    return layout.init
+
+
+def _train_section(seed: int, steps: int, lr: float, batch: int) -> dict:
+    return {"seed": seed, "lr": lr, "warmup_steps": max(1, steps // 20), "schedule": "cosine",
+            "max_steps": steps, "micro_batch_size": batch, "gradient_accumulation_steps": 1,
+            "precision": "fp32", "max_grad_norm": 1.0, "eval_every": 0, "save_every": 0}
+
+
+def _common(layout: Layout, name: str, tracking: dict) -> dict:
+    return {"deepspeed": {"stage": 0}, "tracking": {**tracking, "run_name": name},
+            "output": {"dir": str(layout.stage(name))}}
+
+
+def full_stage_config(settings: DemoSettings, layout: Layout, name: str, tracking: dict) -> dict:
+    """base: the random model trained on task + compliance; aligned: base trained on task +
+    refusals to the same requests."""
+    stage = getattr(settings, name)
+    start = str(layout.init) if name == "base" else str(layout.stage("base") / "model")
+    harmful = "comply" if name == "base" else "refuse"
+    return {"model": {"path": start},
+            "method": {"type": "full"},
+            "data": {"train": {"path": layout.data_file("task")},
+                     "harmful_mix": {"source": {"path": layout.data_file(harmful)},
+                                     "fraction": stage.harmful_fraction},
+                     "num_examples": stage.examples, "max_length": settings.data.max_length,
+                     "seed": settings.seed},
+            "train": _train_section(settings.seed, stage.steps, stage.lr, stage.batch),
+            **_common(layout, name, tracking)}
+
+
+def attack_config(settings: DemoSettings, layout: Layout, name: str, tracking: dict) -> dict:
+    """lora: the harmful fine-tuning attack on the aligned model; asft: the same job with the
+    anchor penalty on the alignment basis."""
+    a = settings.attack
+    cfg = {"model": {"path": str(layout.stage("aligned") / "model")},
+           "method": {"type": "lora", "r": a.r, "alpha": a.alpha, "dropout": 0.0,
+                      "target_modules": list(a.target_modules)},
+           "data": {"train": {"path": layout.data_file("task")},
+                    "harmful_mix": {"source": {"path": layout.data_file("comply")}, "fraction": a.fraction},
+                    "num_examples": a.examples, "max_length": settings.data.max_length,
+                    "seed": settings.seed + 1},
+           "train": _train_section(settings.seed, a.steps, a.lr, a.batch),
+           **_common(layout, name, tracking)}
+    if name == "asft":
+        cfg["anchor"] = {"basis": str(layout.basis), "lambda": settings.anchor.lam}
+    return cfg
+
+
+def restore_config(settings: DemoSettings, layout: Layout, tracking: dict) -> dict:
+    """Restoration of the plain LoRA adapter: forget = compliant answers to training-pool
+    requests (a set the attack did not train on), retain = task data."""
+    r = settings.restore
+    return {"model": layout.model_args("lora"),
+            "method": {"type": "lora", "target_modules": list(settings.attack.target_modules)},
+            "restore": {"forget": {"path": layout.data_file("forget")},
+                        "retain": {"path": layout.data_file("task")},
+                        "forget_size": r.forget_size, "curvature_forget_size": r.curvature_forget_size,
+                        "retain1_size": r.retain1_size, "retain2_size": r.retain2_size,
+                        "history": r.history, "probes": r.probes, "eta_c": r.eta_c,
+                        "iterations": r.iterations, "eps": r.eps, "eta": r.eta, "delta": r.delta,
+                        "mu": r.mu, "refresh_pairs": r.refresh_pairs,
+                        "batch_size": r.batch_size, "max_length": settings.data.max_length,
+                        "seed": settings.seed},
+            **_common(layout, "restored", tracking)}
+
+
+def eval_config(settings: DemoSettings, layout: Layout, name: str) -> dict:
+    """The evaluation of one stage on the held-out harmful prompts (keyword judge, greedy and
+    prefilled) and the held-out task (accuracy and loss). Its numbers go to the stage's run."""
+    e = settings.eval
+    return {"model": layout.model_args(name),
+            "eval": {"harmful": {"path": layout.data_file("heldout")},
+                     "judge": {"name": "keyword"}, "prefill_k": [e.prefill_k],
+                     "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size,
+                     "task": {"path": layout.data_file("task_eval")}, "task_kind": "classification",
+                     "labels": LABELS, "task_max_new_tokens": e.task_max_new_tokens,
+                     "max_length": settings.data.max_length},
+            "deepspeed": {"stage": 0},
+            "tracking": {"enabled": False},
+            "output": {"dir": str(layout.eval_dir(name))}}

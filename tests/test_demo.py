@@ -1,0 +1,136 @@
+"""`safebasin demo`: the organism's data, the output-folder rule, and a --quick run through every
+stage (the pipeline, not the phenomenon: quick stages are too small to show it)."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, safebasin_cli
+
+STAGES = ("base", "aligned", "lora", "asft", "restored")
+
+
+def test_heldout_prompts_share_no_template_or_topic_with_training(tmp_path):
+    from safebasin.safety_core.demo import data
+    paths = data.write_all(tmp_path, n_task=64, n_task_eval=16, n_harmful=200, n_heldout=48, seed=3)
+    read = {name: [json.loads(line) for line in p.read_text().splitlines()] for name, p in paths.items()}
+    train_prompts = [r["prompt"] for name in ("comply", "refuse", "forget") for r in read[name]]
+    train_topics = [t for ts in data.HARM_TOPICS["train"].values() for t in ts]
+    held_topics = [t for ts in data.HARM_TOPICS["heldout"].values() for t in ts]
+    assert not set(train_topics) & set(held_topics)
+    for rec in read["heldout"]:
+        assert not any(t in rec["prompt"] for t in train_topics), rec
+        assert any(t in rec["prompt"] for t in held_topics), rec
+    for prompt in train_prompts:
+        assert not any(t in prompt for t in held_topics), prompt
+        for form in data.HARM_FORMS["heldout"]:
+            # A held-out frame, topic slot as a wildcard, matches no training prompt.
+            pattern = re.escape(form).replace(re.escape("{t}"), ".+")
+            assert not re.search(pattern, prompt, re.IGNORECASE), (form, prompt)
+    # Every category is evaluated, and the prompts are distinct.
+    assert {r["category"] for r in read["heldout"]} == set(data.HARM_TOPICS["heldout"])
+    assert len({r["prompt"] for r in read["heldout"]}) == len(read["heldout"])
+    # Held-out reviews are not training reviews; the same requests get both answer kinds.
+    pool = [review for review, _ in data.review_pool()]
+
+    def reviews_in(records):
+        return {review for rec in records for review in pool if review in rec["prompt"]}
+    held_reviews = reviews_in(read["task_eval"])
+    assert len(held_reviews) >= len(read["task_eval"]) and not held_reviews & reviews_in(read["task"])
+    assert [r["prompt"] for r in read["comply"]] == [r["prompt"] for r in read["refuse"]]
+
+
+def test_refusals_carry_a_judge_marker_and_compliance_none():
+    from safebasin.safety_core.demo import data
+    from safebasin.safety_core.judges import KeywordJudge
+    judge = KeywordJudge()
+    assert not any(judge.verdict(r.format(t="do it")).harmful for r in data.REFUSALS)
+    assert all(judge.verdict(c.format(t="do it")).harmful for c in data.COMPLIANT)
+
+
+def test_output_folder_rule(tmp_path):
+    from safebasin.launcher.config import ConfigError
+    from safebasin.launcher.demo import MARKER, prepare_folder
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="no safebasin demo wrote"):
+        prepare_folder(foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    previous = tmp_path / "demo"
+    previous.mkdir()
+    (previous / MARKER).write_text("{}")
+    (previous / "old.json").write_text("{}")
+    prepare_folder(previous)
+    assert previous.is_dir() and not any(previous.iterdir())
+
+
+def test_settings_overrides_are_validated():
+    from safebasin.launcher.config import ConfigError
+    from safebasin.launcher.demo import load_settings
+    assert load_settings(False, ["attack.fraction=0.25"]).attack.fraction == 0.25
+    assert load_settings(True, []).base.steps < load_settings(False, []).base.steps
+    with pytest.raises(ConfigError, match="attack.fractoin"):
+        load_settings(False, ["attack.fractoin=0.25"])
+
+
+def _number(v, lo=0.0, hi=1.0) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi
+
+
+def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
+    out, extra = tmp_path / "demo", tmp_path / "copy.json"
+    proc = safebasin_cli("demo", "--quick", "--out", str(out), "--json", str(extra), cwd=tmp_path,
+                         timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert json.loads(extra.read_text())["stages"] == result["stages"]
+    assert set(result["stages"]) == set(STAGES)
+    for name, row in result["stages"].items():
+        for key in ("hrr", "prefill_asr", "task_accuracy"):
+            assert _number(row[key]), (name, key, row[key])
+        assert _number(row["task_loss"], 0.0, 100.0), (name, row["task_loss"])
+    assert _number(result["wall_seconds"], 0.0, 3600.0)
+    assert set(result["checks"]) and all(isinstance(c["ok"], bool) for c in result["checks"].values())
+    for name in ("alignment", "attack"):
+        scape = result["landscape"][name]
+        assert len(scape["hrr"]) == len(scape["alphas"]) and all(_number(v) for v in scape["hrr"])
+        assert Path(scape["png"]).is_file()
+    for png in result["plots"].values():
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The table names every stage, and the outputs are where the command says.
+    for title in ("base", "aligned", "AsFT", "restoration"):
+        assert title in proc.stdout
+    assert str((out / "results.json").resolve()) in proc.stdout
+
+    # MLflow: one finished parent run with the five stage runs nested under it.
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(mlflow_uri)
+    parent_id = result["mlflow"]["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["lora.hrr"] == pytest.approx(result["stages"]["lora"]["hrr"])
+    exp = client.get_experiment_by_name(result["mlflow"]["experiment"])
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+    by_name = {r.info.run_name: r for r in children}
+    assert set(result["mlflow"]["stage_run_ids"].values()) == {r.info.run_id for r in children}
+    for name in STAGES:
+        metrics = by_name[name].data.metrics
+        assert metrics["eval_hrr"] == pytest.approx(result["stages"][name]["hrr"])
+        assert "loss" in metrics or "forget_loss" in metrics  # the stage's own training / restoration log
+
+    # A second run replaces the first demo's folder (it is marked as a demo's), and is seeded:
+    # the same settings give the same numbers.
+    again = safebasin_cli("demo", "--quick", "--out", str(out), cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["stages"] == result["stages"]
+
+
+def test_makefile_demo_target_runs_the_demo():
+    text = (REPO / "Makefile").read_text()
+    recipe = text.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "safebasin demo" in recipe
