@@ -43,13 +43,12 @@ def single_process_env(replace: bool = False) -> None:
     process, where inherited values (say MASTER_PORT of an enclosing job that holds that port)
     would make the rendezvous fail."""
     import torch.distributed as dist
-    if replace and dist.is_initialized():
-        return  # an earlier in-process job's group is reused
     put = os.environ.__setitem__ if replace else os.environ.setdefault
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1")):
         put(key, value)
-    if replace or "MASTER_PORT" not in os.environ:
+    # An earlier in-process job's group is reused as it is (DeepSpeed skips its rendezvous).
+    if "MASTER_PORT" not in os.environ or (replace and not dist.is_initialized()):
         os.environ["MASTER_PORT"] = str(free_port())
 
 
