@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
 
 from safebasin.kernels import lin_comb, multi_dot
+from safebasin.launcher.launch import free_port
 from safebasin.safety_core.lbfgs import CurvatureBuffer, shard_range
 from timing import interleaved, timed
 
@@ -146,11 +146,6 @@ def rank_main(rank: int, world: int, port: int, rows: torch.Tensor, history: int
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

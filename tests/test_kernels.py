@@ -6,7 +6,6 @@ triton is imported), and the backend switch."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from safebasin.kernels import anchor_penalty, anchor_penalty_full, anchor_penalty_sharded, backend, lin_comb, multi_dot
 from safebasin.kernels.anchor_ops import anchor_penalty_full_reference, anchor_penalty_reference
+from safebasin.launcher.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -142,11 +142,6 @@ def _shard_rank(rank: int, world: int, port: int, queue) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.multiproc

@@ -1,11 +1,11 @@
 """The sharded L-BFGS buffer against dense BFGS, exact quadratics, its filter, and 2 real ranks."""
 
 import os
-import socket
 
 import pytest
 import torch
 
+from safebasin.launcher.launch import free_port
 from safebasin.safety_core.lbfgs import CurvatureBuffer, shard_range, two_loop_coefficients
 
 F64 = torch.float64
@@ -223,11 +223,6 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
         dist.all_reduce = real
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.multiproc
