@@ -93,6 +93,17 @@ def main(argv: list[str] | None = None) -> None:
                          f"(else launch per node with --nnodes/--node-rank)")
     single_process_env()
     RANK_COMMANDS[args.command](load_config(args.config), args.resume)
+    _leave_group()
+
+
+def _leave_group() -> None:
+    """Ranks leave together and close the group before the interpreter exits: a rank that exits
+    while a peer still talks to it, or with gloo's threads alive, can abort in C++ teardown
+    ('terminate called without an active exception') after its work was done."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
