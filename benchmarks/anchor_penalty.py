@@ -19,7 +19,7 @@ import time
 import torch
 
 from safebasin.kernels import anchor_penalty
-from timing import AllocationTracker, interleaved, timed
+from timing import AllocationTracker, interleaved, timed, with_backend
 
 
 def asft_reference(B, A, U, c):
@@ -59,20 +59,6 @@ def memory(run, device) -> tuple[int, int, int]:
     with AllocationTracker() as tracker:
         run()
     return tracker.peak, tracker.largest_bytes, tracker.largest_numel
-
-
-def with_backend(value: str, run):
-    def wrapped():
-        old = os.environ.get("SAFEBASIN_KERNEL_BACKEND")
-        os.environ["SAFEBASIN_KERNEL_BACKEND"] = value
-        try:
-            run()
-        finally:
-            if old is None:
-                del os.environ["SAFEBASIN_KERNEL_BACKEND"]
-            else:
-                os.environ["SAFEBASIN_KERNEL_BACKEND"] = old
-    return wrapped
 
 
 def main() -> None:

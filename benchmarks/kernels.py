@@ -20,7 +20,7 @@ import time
 import torch
 
 from safebasin.kernels import anchor_penalty, anchor_penalty_full, lin_comb, multi_dot
-from timing import interleaved, timed
+from timing import interleaved, timed, with_backend
 
 # Nominal HBM bandwidth (bytes/s) by device-name fragment, most specific first.
 PEAK_HBM = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
@@ -32,20 +32,6 @@ def device_peak(device: torch.device) -> tuple[str, float | None]:
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU", None
     name = torch.cuda.get_device_name(device)
     return name, next((bw for key, bw in PEAK_HBM if key in name), None)
-
-
-def with_backend(value: str, fn):
-    def run():
-        old = os.environ.get("SAFEBASIN_KERNEL_BACKEND")
-        os.environ["SAFEBASIN_KERNEL_BACKEND"] = value
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["SAFEBASIN_KERNEL_BACKEND"]
-            else:
-                os.environ["SAFEBASIN_KERNEL_BACKEND"] = old
-    return run
 
 
 def backward_of(fn, *params):

@@ -3,11 +3,27 @@ so this folder is on sys.path)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def with_backend(value: str, fn):
+    """fn run with SAFEBASIN_KERNEL_BACKEND=value, the previous setting restored after."""
+    def run():
+        old = os.environ.get("SAFEBASIN_KERNEL_BACKEND")
+        os.environ["SAFEBASIN_KERNEL_BACKEND"] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["SAFEBASIN_KERNEL_BACKEND"]
+            else:
+                os.environ["SAFEBASIN_KERNEL_BACKEND"] = old
+    return run
 
 
 def timed(fn, device: torch.device | str | None = None):

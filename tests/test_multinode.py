@@ -71,6 +71,16 @@ def kill_node(node: subprocess.Popen) -> None:
     node.wait()
 
 
+def wait_nodes_succeed(nodes: list[subprocess.Popen], timeout: float = 400) -> None:
+    """Wait for every node to finish (killing what is left either way); all must exit 0."""
+    try:
+        codes = [node.wait(timeout=timeout) for node in nodes]
+    finally:
+        for node in nodes:
+            kill_node(node)
+    assert codes == [0] * len(nodes), "".join(output(node)[-3000:] for node in nodes)
+
+
 def wait_for_step(job, out: str, step: int, nodes: list[subprocess.Popen], timeout: float = 300) -> None:
     metrics = job["root"] / out / "metrics.jsonl"
     deadline = time.monotonic() + timeout
@@ -110,12 +120,7 @@ def test_torchrun_runs_two_ranks_on_one_node(job, ref):
 def test_per_node_launches_match_one_node_and_share_one_mlflow_run(job, ref):
     port, logs = free_port(), job["root"] / "pernode-ranks"
     nodes = [start_node(job, "pernode", r, port, "--rank-logs", str(logs)) for r in (0, 1)]
-    try:
-        codes = [node.wait(timeout=400) for node in nodes]
-    finally:
-        for node in nodes:
-            kill_node(node)
-    assert codes == [0, 0], output(nodes[0])[-3000:] + output(nodes[1])[-3000:]
+    wait_nodes_succeed(nodes)
     # Tolerance: the same two ranks reduce in the same order whatever launched them, so only
     # float noise is allowed.
     assert losses(job["root"] / "pernode") == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
@@ -196,12 +201,7 @@ def test_hung_node_fails_the_other_at_the_timeout_and_the_job_resumes_per_node(j
     # Both nodes again with --resume: same world size, so the ZeRO shards load as they are.
     port = free_port()
     nodes = [start_node(job, "hung", r, port, "--resume") for r in (0, 1)]
-    try:
-        codes = [node.wait(timeout=400) for node in nodes]
-    finally:
-        for node in nodes:
-            kill_node(node)
-    assert codes == [0, 0], output(nodes[0])[-3000:] + output(nodes[1])[-3000:]
+    wait_nodes_succeed(nodes)
     assert losses(job["root"] / "hung") == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
     run_id, steps = mlflow_history(job, "hung")
     assert run_id == failed_run and f"run {run_id}" in output(nodes[0]) and steps == [1, 2, 3, 4, 5, 6]
