@@ -40,12 +40,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def safebasin_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
-    """Run the console script as a user would; returns the CompletedProcess."""
+def safebasin_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 500):
+    """Run the console script as a user would; returns the CompletedProcess. On timeout the
+    whole process group goes (the ranks too, not just the launcher), so a stuck job cannot
+    hold ports, files or CPU for the tests after it; the timeout stays below pytest's."""
+    import signal
     import subprocess
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "safebasin.launcher.cli", *args], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen([sys.executable, "-m", "safebasin.launcher.cli", *args], cwd=cwd, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:  # the timeout, or pytest's own interrupt: never leave the ranks running
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,14 @@ def losses(out: Path, key: str = "loss") -> list[float]:
     return [json.loads(line)[key] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def shared_memory_segments() -> set[Path]:
+    shm = Path("/dev/shm")
+    return set(shm.glob("deepspeed_*")) if shm.exists() else set()
+
+
 @pytest.mark.multiproc
 def test_zero3_lora_one_vs_two_ranks_and_one_mlflow_run(tmp_path, tiny_model_dir, mlflow_uri):
+    segments_before = shared_memory_segments()
     cfg = write_config(tmp_path, deepspeed={"stage": 3})
     run(tmp_path, cfg, f"output.dir={tmp_path / 'one'}")
     # Same global batch (4 x 2 accumulation x 1 rank = 4 x 1 x 2 ranks), so the same examples per step.
@@ -49,6 +55,8 @@ def test_zero3_lora_one_vs_two_ranks_and_one_mlflow_run(tmp_path, tiny_model_dir
     assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
     assert one[-1] < one[0]
     assert "MLflow:   run" in res.stdout
+    # DeepSpeed's CPU shared-memory all-reduce would leave a 69 MB segment per rank in RAM.
+    assert shared_memory_segments() <= segments_before
 
     import mlflow
     mlflow.set_tracking_uri(mlflow_uri)
