@@ -175,6 +175,24 @@ def test_killed_node_fails_the_other_and_the_job_resumes_on_one_rank(job, ref):
 
 
 @pytest.mark.multiproc
+def test_one_rank_job_resumes_on_two_ranks(job, ref):
+    """The other way round: a job saved at 1 rank continues at 2 (more nodes came back)."""
+    out = job["root"] / "grown"
+    one_rank = ["train.gradient_accumulation_steps=2", f"output.dir={out}"]
+    res = safebasin_cli("train", str(job["cfg"]), *one_rank, cwd=job["root"],
+                        env={**job["env"], "SAFEBASIN_FAIL_AFTER_STEP": "3"})
+    assert res.returncode != 0 and "injected failure" in res.stdout + res.stderr
+    from safebasin.safety_core.checkpoints import saved_world_size
+    assert saved_world_size(out / "checkpoints") == 1 and (out / "checkpoints" / "latest").read_text() == "step2"
+    res = safebasin_cli("train", str(job["cfg"]), f"output.dir={out}", "--nproc", "2", "--resume",
+                        cwd=job["root"], env=job["env"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    assert "universal form" in res.stdout
+    assert losses(out) == pytest.approx(ref["losses"], rel=1e-4, abs=1e-5)
+    assert saved_world_size(out / "checkpoints") == 2
+
+
+@pytest.mark.multiproc
 def test_hung_node_fails_the_other_at_the_timeout_and_the_job_resumes_per_node(job, ref):
     # Long enough that start-up skew between the two nodes of a loaded 2-core machine never
     # trips it (it also bounds the rendezvous and every collective on the way to step 3).
