@@ -43,7 +43,10 @@ def run_job(command: str, cfg: JobConfig, args) -> dict:
         if universal is not None:
             print(f"safebasin {command}: the checkpoint was saved at another world size; resuming "
                   f"from its universal form {universal}")
-    if topo.in_process:
+    rank_logs = getattr(args, "rank_logs", None)
+    # A rank log is written by the wrapper a launcher puts around each rank, so a one-rank job
+    # that asks for one goes through the launcher too.
+    if topo.in_process and rank_logs is None:
         from safebasin.launcher.entry import RANK_COMMANDS
         from safebasin.launcher.launch import single_process_env
         single_process_env(replace=True)
@@ -54,7 +57,7 @@ def run_job(command: str, cfg: JobConfig, args) -> dict:
     # torch.distributed is up, and concurrent ranks would race for the cache folder).
     cfg.model.resolved_path()
     print(f"safebasin {command}: {describe(topo)}", flush=True)
-    code = launch(command, resolved, topo, ["--resume"] if resume else [], rank_log_dir=args.rank_logs)
+    code = launch(command, resolved, topo, ["--resume"] if resume else [], rank_log_dir=rank_logs)
     if code != 0:
         raise SystemExit(code)
     if topo.node_rank > 0:

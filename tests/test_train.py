@@ -127,3 +127,14 @@ def test_exported_adapter_reloads_with_same_logits(tmp_path, tiny_model_dir, mon
     torch.testing.assert_close(reloaded, trained)
     assert not torch.allclose(base, trained)
     assert (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_one_rank_job_writes_its_rank_log(tmp_path, tiny_model_dir, mlflow_uri):
+    """A one-rank job normally runs in the calling process; --rank-logs sends it through the
+    launcher, whose per-rank wrapper writes the log."""
+    cfg = write_config(tmp_path, train={"max_steps": 2})
+    res = run(tmp_path, cfg, f"output.dir={tmp_path / 'out'}", "--rank-logs", str(tmp_path / "logs"))
+    assert "[rank 0] " in res.stdout + res.stderr
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert log and "[rank" not in log
+    assert len(losses(tmp_path / "out")) == 2
