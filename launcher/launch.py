@@ -25,10 +25,11 @@ from safebasin.launcher.topology import Topology
 
 RANK_MODULE = "safebasin.launcher.ranklog"
 # What remote ranks need from the launching shell: tracking, our own switches, the accelerator,
-# the Hugging Face caches and token, communication tuning, the import path.
+# the Hugging Face caches and token, communication tuning. Not PYTHONPATH: the runner exports
+# it itself with the launching directory in front, and a line of ours would replace that.
 REMOTE_ENV_PREFIXES = ("MLFLOW_", "SAFEBASIN_", "DS_ACCELERATOR", "DEEPSPEED_", "HF_", "HUGGING_FACE_",
                        "TRANSFORMERS_", "TOKENIZERS_", "NCCL_", "TORCH_", "GLOO_", "CUDA_HOME",
-                       "PYTHONPATH", "OMP_NUM_THREADS")
+                       "OMP_NUM_THREADS")
 
 
 def free_port() -> int:

@@ -240,7 +240,7 @@ def test_hostfile_goes_through_the_deepspeed_runner_to_pdsh(job, tmp_path):
     res = safebasin_cli("train", str(job["cfg"]), f"output.dir={out}", "--hostfile", str(hostfile),
                         "--exclude", "worker-1:1", cwd=tmp_path, timeout=300,
                         env={**job["env"], "PATH": f"{bin_dir}:{os.environ['PATH']}", "PDSH_RECORD": str(record),
-                             "SAFEBASIN_EXAMPLE": "a b", "SAFEBASIN_UNSAFE": 'x"$y'})
+                             "SAFEBASIN_EXAMPLE": "a b", "SAFEBASIN_UNSAFE": 'x"$y', "PYTHONPATH": "/opt/extra"})
     assert res.returncode == 7, res.stdout[-3000:] + res.stderr[-6000:]  # pdsh's exit code comes back
     assert "3 ranks on the hosts of" in res.stdout
     assert "not forwarding SAFEBASIN_UNSAFE" in res.stderr
@@ -252,6 +252,8 @@ def test_hostfile_goes_through_the_deepspeed_runner_to_pdsh(job, tmp_path):
                    f"export MLFLOW_TRACKING_URI={job['env']['MLFLOW_TRACKING_URI']};"):
         assert export in remote
     assert "SAFEBASIN_UNSAFE" not in remote
+    # The runner's own PYTHONPATH export (launching directory first) is not overridden by ours.
+    assert f"export PYTHONPATH={tmp_path}:/opt/extra;" in remote and remote.count("PYTHONPATH") == 1
     assert (out / ".deepspeed_env").stat().st_mode & 0o077 == 0
     # ... then starts its share of the ranks with the per-node launcher, %n being the host's index.
     world_info = next(a for a in args if a.startswith("--world_info=")).split("=", 1)[1]
