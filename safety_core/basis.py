@@ -26,13 +26,15 @@ VARIANTS = ("safelora", "projector")
 DEFAULT_MODULES = ("q_proj", "v_proj")
 DEFAULT_TOL = 0.01
 MANIFEST = "manifest.json"
-# Above this many elements in the smaller dimension a fixed-rank extraction uses the randomised
-# low-rank SVD; below it the exact SVD is cheap enough and gives the whole spectrum.
+# Above this many elements in the smaller dimension an extraction uses the randomised low-rank
+# SVD (when k is small next to it); below it the exact SVD is cheap and gives the whole spectrum.
 LOWRANK_MIN_DIM = 1024
 # Oversampling max(16, k) and 8 power iterations: on slowly decaying spectra (close leading
 # singular values) a bare k + 16 with few iterations misses a visible part of the subspace.
 OVERSAMPLE = 16
 LOWRANK_ITERS = 8
+# First width of the randomised SVD when k comes from --tol (doubled until it suffices).
+LOWRANK_START = 64
 SHARD_BYTES = 1 << 30
 PEFT_PREFIX = "base_model.model."
 
@@ -143,14 +145,54 @@ def choose_k(energy: torch.Tensor, total: float, rank: int | None, tol: float | 
     return int(torch.nonzero(ok)[0]) + 1 if bool(ok.any()) else energy.numel()
 
 
-def truncated_svd(v: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(U, S, complete): the full SVD, or for a fixed small rank of a large matrix the
-    randomised one with oversampling (S then holds only the leading values)."""
+def _k_estimate(energy: torch.Tensor, total: float, tol: float) -> int:
+    """A guess of k from q randomised leading energies, so that the next width is about right
+    and a spectrum the randomised SVD cannot cut cheaply goes to the exact SVD at once: the decay
+    over the leading three quarters (the last values of a randomised SVD come out low) continued
+    geometrically, and never below the bound that every later value is at most the last used."""
+    q = energy.numel()
+    first, last = q // 4, 3 * q // 4 - 1
+    e_last = float(energy[last])
+    missing = total - float(energy[:last + 1].sum()) - tol * total
+    if missing <= 0 or e_last <= 0:
+        return last + 1
+    bound = last + 1 + math.ceil(missing / e_last)
+    ratio = (e_last / float(energy[first])) ** (1.0 / (last - first))
+    if not 0.0 < ratio < 1.0 or tol <= 0:
+        return bound
+    # The energies past the last one, e_last * ratio^i (i >= 1), leave at most tol * total
+    # from i > j on, where e_last * ratio^(j+1) / (1 - ratio) = tol * total.
+    j = math.log(tol * total * (1 - ratio) / (e_last * ratio)) / math.log(ratio)
+    return max(bound, last + 1 + math.ceil(max(j, 0.0)))
+
+
+def truncated_svd(v: torch.Tensor, rank: int | None, tol: float | None = None,
+                  total: float | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(U, S, complete): the full SVD, or for a large matrix the randomised one with
+    oversampling (S then holds only the leading values). With a fixed rank the randomised SVD
+    is taken once. With a tolerance it starts at LOWRANK_START columns and doubles them until
+    the leading values hold all but `tol` of `total` = ||V||_F^2 (known exactly beforehand) with
+    the oversampling to spare; a spectrum too flat for that ends in the exact SVD. Randomised
+    singular values never exceed the true ones, so the chosen k keeps at least 1 - tol."""
     small = min(v.shape)
-    q = None if rank is None else rank + max(OVERSAMPLE, rank)
-    if q is not None and small > LOWRANK_MIN_DIM and q < small // 2:
-        u, s, _ = torch.svd_lowrank(v, q=q, niter=LOWRANK_ITERS)
-        return u, s, False
+    if small > LOWRANK_MIN_DIM:
+        if rank is not None:
+            q = rank + max(OVERSAMPLE, rank)
+            if q < small // 2:
+                u, s, _ = torch.svd_lowrank(v, q=q, niter=LOWRANK_ITERS)
+                return u, s, False
+        elif tol is not None and total is not None:
+            q = LOWRANK_START
+            # Wider than a quarter of the short side, the randomised SVD costs about the exact one.
+            while q <= small // 4:
+                u, s, _ = torch.svd_lowrank(v, q=q, niter=LOWRANK_ITERS)
+                energy = s.double().pow(2)
+                k = choose_k(energy, total, None, tol)
+                # The captured share of these U_k is exactly the sum of their energies, so any
+                # k found keeps 1 - tol; the oversampling keeps k close to the exact smallest.
+                if k + max(OVERSAMPLE, k // 2) <= q:  # (k < q: the tolerance was reached inside)
+                    return u, s, False
+                q = max(2 * q, math.ceil(2.5 * _k_estimate(energy, total, tol)))
     u, s, _ = torch.linalg.svd(v, full_matrices=False)
     return u, s, True
 
@@ -169,7 +211,7 @@ def layer_basis(name: str, v: torch.Tensor, variant: str, rank: int | None,
     if total == 0.0:
         raise BasisError(f"{name}.weight: the aligned and base weights are identical (V = 0)")
     fro = math.sqrt(total)
-    u, s, complete = truncated_svd(v, rank)
+    u, s, complete = truncated_svd(v, rank, tol, total)
     r = numerical_rank(s, v.shape) if complete else None
     energy = s.double().pow(2)
     k = choose_k(energy, total, rank, tol)

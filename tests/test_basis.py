@@ -61,6 +61,28 @@ def test_tol_picks_the_smallest_k_within_the_dropped_energy(tmp_path, aligned_pa
         assert info["captured_share"] >= 0.7
 
 
+def test_tol_on_a_large_layer_takes_the_randomised_svd_when_the_spectrum_decays():
+    """Above LOWRANK_MIN_DIM a --tol extraction need not pay for the exact SVD: a decaying
+    spectrum is cut from a randomised one (same k, same subspace, at least 1 - tol kept); a flat
+    one falls back to the exact SVD."""
+    from safebasin.safety_core.basis import LOWRANK_MIN_DIM, layer_basis
+    gen = torch.Generator().manual_seed(0)
+    d_out, d_in = LOWRANK_MIN_DIM + 76, LOWRANK_MIN_DIM + 16
+    left, _ = torch.linalg.qr(torch.randn(d_out, d_in, generator=gen))
+    right, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen))
+    decaying = left @ torch.diag(0.9 ** torch.arange(d_in, dtype=torch.float32)) @ right.T
+    flat = torch.randn(d_out, d_in, generator=gen)
+    for v, randomised in ((decaying, True), (flat, False)):
+        layer, _, info = layer_basis("layer", v, "safelora", None, 0.01)
+        assert info["spectrum_complete"] is not randomised
+        s2 = torch.linalg.svdvals(v.double()) ** 2
+        exact_k = int(torch.nonzero(1 - torch.cumsum(s2, 0) / s2.sum() <= 0.01)[0]) + 1
+        assert info["k"] == exact_k
+        kept = float((layer.U.double().T @ v.double()).pow(2).sum() / s2.sum())
+        assert kept >= 0.99 and kept == pytest.approx(info["captured_share"], rel=1e-4)
+    assert exact_k > 500 and info["k"] == exact_k  # the flat one needs most of the spectrum
+
+
 def test_projector_needs_k_below_the_rank(tmp_path, aligned_pair):
     base, aligned = aligned_pair
     with pytest.raises(BasisError, match=r"v_proj.weight: the projector variant needs k < rank\(V\) = 32"):
