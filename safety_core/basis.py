@@ -33,7 +33,7 @@ LOWRANK_MIN_DIM = 1024
 # singular values) a bare k + 16 with few iterations misses a visible part of the subspace.
 OVERSAMPLE = 16
 LOWRANK_ITERS = 8
-# First width of the randomised SVD when k comes from --tol (doubled until it suffices).
+# First width of the randomised SVD when k comes from --tol (widened until it suffices).
 LOWRANK_START = 64
 SHARD_BYTES = 1 << 30
 PEFT_PREFIX = "base_model.model."
@@ -170,10 +170,10 @@ def truncated_svd(v: torch.Tensor, rank: int | None, tol: float | None = None,
                   total: float | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(U, S, complete): the full SVD, or for a large matrix the randomised one with
     oversampling (S then holds only the leading values). With a fixed rank the randomised SVD
-    is taken once. With a tolerance it starts at LOWRANK_START columns and doubles them until
-    the leading values hold all but `tol` of `total` = ||V||_F^2 (known exactly beforehand) with
-    the oversampling to spare; a spectrum too flat for that ends in the exact SVD. Randomised
-    singular values never exceed the true ones, so the chosen k keeps at least 1 - tol."""
+    is taken once. With a tolerance it starts at LOWRANK_START columns and widens them (at least
+    doubling, by _k_estimate) until the leading values hold all but `tol` of `total` =
+    ||V||_F^2 (known exactly beforehand) with oversampling to spare; a spectrum too flat for
+    that ends in the exact SVD."""
     small = min(v.shape)
     if small > LOWRANK_MIN_DIM:
         if rank is not None:
