@@ -132,4 +132,3 @@ def test_exported_adapter_reloads_with_same_logits(tmp_path, tiny_model_dir, mon
     torch.testing.assert_close(reloaded, trained)
     assert not torch.allclose(base, trained)
     assert (tmp_path / "out" / "metrics.jsonl").exists()
-
