@@ -16,10 +16,9 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from safebasin.kernels import lin_comb, multi_dot
 from safebasin.launcher.launch import free_port
-from safebasin.safety_core.lbfgs import CurvatureBuffer, shard_range
+from safebasin.safety_core.restore.lbfgs import CurvatureBuffer, shard_range
 from timing import interleaved, timed
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from safebasin.launcher.config import ConfigError, JobConfig, dump, load_config
 from safebasin.launcher.topology import LaunchError, add_launch_args, describe, resolve
-from safebasin.safety_core.checkpoints import CheckpointError, convert_if_needed
-from safebasin.safety_core.data import DataError
+from safebasin.safety_core.train.checkpoints import CheckpointError, convert_if_needed
+from safebasin.safety_core.train.data import DataError
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
@@ -122,7 +122,7 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from safebasin.safety_core.tiny import build_tiny_model
+    from safebasin.safety_core.train.tiny import build_tiny_model
     out = build_tiny_model(args.out_dir, hidden_size=args.hidden_size, num_layers=args.layers,
                            num_heads=args.heads, num_kv_heads=args.kv_heads,
                            intermediate_size=args.intermediate_size, vocab_size=args.vocab_size,
@@ -132,7 +132,7 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_align_basis(args) -> int:
-    from safebasin.safety_core.basis import BasisError, extract_basis
+    from safebasin.safety_core.anchor.basis import BasisError, extract_basis
     try:
         manifest = extract_basis(args.aligned, args.base, args.out, modules=args.modules,
                                  variant=args.variant, rank=args.rank, tol=args.tol,
@@ -147,8 +147,8 @@ def cmd_align_basis(args) -> int:
 
 
 def cmd_safe_lora_project(args) -> int:
-    from safebasin.safety_core.basis import BasisError
-    from safebasin.safety_core.safe_lora import project_adapter
+    from safebasin.safety_core.anchor.basis import BasisError
+    from safebasin.safety_core.anchor.safe_lora import project_adapter
     try:
         report = project_adapter(args.adapter, args.basis, args.out, threshold=args.threshold,
                                  num_layers=args.num_layers)
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "c_i = 1, needs k < rank(V)")
     pick = p.add_mutually_exclusive_group()
     pick.add_argument("--rank", type=int, default=None, help="keep exactly K directions per layer")
-    from safebasin.safety_core.basis import DEFAULT_TOL, TOL_HELP
+    from safebasin.safety_core.anchor.basis import DEFAULT_TOL, TOL_HELP
     pick.add_argument("--tol", type=float, default=None,
                       help=f"dropped-energy tolerance T (default {DEFAULT_TOL}): {TOL_HELP}".replace("%", "%%"))
     p.add_argument("--device", default=None, help="where the SVDs run (default cuda if available, else cpu)")

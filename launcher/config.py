@@ -14,16 +14,15 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
-
+from safebasin.safety_core.anchor.regularizer import AnchorArgs
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.anchor import AnchorArgs
-from safebasin.safety_core.data import DataArgs
-from safebasin.safety_core.ds_config import DeepSpeedArgs
-from safebasin.safety_core.evaluation import EvalArgs
-from safebasin.safety_core.instruments import LandscapeJobArgs
-from safebasin.safety_core.modeling import MethodArgs, ModelArgs
-from safebasin.safety_core.restore import RestoreArgs
-from safebasin.safety_core.trainer import TrainArgs
+from safebasin.safety_core.measure.evaluation import EvalArgs
+from safebasin.safety_core.measure.landscape_job import LandscapeJobArgs
+from safebasin.safety_core.restore.config import RestoreArgs
+from safebasin.safety_core.train.data import DataArgs
+from safebasin.safety_core.train.ds_config import DeepSpeedArgs
+from safebasin.safety_core.train.modeling import MethodArgs, ModelArgs
+from safebasin.safety_core.train.trainer import TrainArgs
 
 
 class TrackingArgs(Section):

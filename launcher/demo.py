@@ -59,7 +59,6 @@ class DemoRuns:
 
     def __init__(self, uri: str, run_name: str, params: dict):
         from mlflow.tracking import MlflowClient
-
         from safebasin.launcher.config import flatten
         self.uri, self.client = uri, MlflowClient(uri)
         exp = self.client.get_experiment_by_name(EXPERIMENT)
@@ -91,11 +90,10 @@ class DemoRuns:
 
 def run_demo(settings, out: Path, nproc: int, *, log=print) -> dict:
     import torch
-
     from safebasin.launcher.cli import run_job
-    from safebasin.safety_core.basis import extract_basis
+    from safebasin.safety_core.anchor.basis import extract_basis
     from safebasin.safety_core.demo import landscapes, organism, report
-    from safebasin.safety_core.evaluation import flat_metrics
+    from safebasin.safety_core.measure.evaluation import flat_metrics
 
     t_start = time.perf_counter()
     torch.set_num_threads(settings.threads)

@@ -22,14 +22,14 @@ def global_rank() -> int:
 
 
 def run_train(cfg: JobConfig, resume: bool) -> dict:
-    from safebasin.safety_core.trainer import train
+    from safebasin.safety_core.train.trainer import train
     cfg.require("data", "train")
     out = Path(cfg.output.dir)
     tracker = Tracker(cfg, out, active=global_rank() == 0)
     try:
         factory = None
         if cfg.anchor is not None:
-            from safebasin.safety_core.anchor import anchor_factory
+            from safebasin.safety_core.anchor.regularizer import anchor_factory
             factory = anchor_factory(cfg.anchor)
         result = train(cfg.model, cfg.method, cfg.data, cfg.train, cfg.deepspeed, out,
                        regularizer_factory=factory, log_fn=tracker.log_metrics, resume=resume,
@@ -48,7 +48,7 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
 
 
 def run_restore(cfg: JobConfig, resume: bool = False) -> dict:
-    from safebasin.safety_core.restore import restore
+    from safebasin.safety_core.restore.loop import restore
     cfg.require("restore")
     out = Path(cfg.output.dir)
     if global_rank() == 0:

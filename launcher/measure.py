@@ -13,33 +13,28 @@ import sys
 from pathlib import Path
 
 import torch
-
 from safebasin.launcher.config import JobConfig
 from safebasin.launcher.tracking import Tracker
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def _init_ranks(cfg: JobConfig) -> int:
-    """Join the process group when started on several ranks; returns the global rank."""
+def _init_ranks(cfg: JobConfig) -> tuple[int, torch.device]:
+    """Bind this rank's device and join the process group when started on several ranks;
+    returns (global rank, device)."""
+    from safebasin.safety_core.distributed import init_distributed, rank_device
+    device = rank_device()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from safebasin.safety_core.trainer import init_distributed
         init_distributed(cfg.deepspeed.timeout_minutes)
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("RANK", "0")), device
 
 
 def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
-    from safebasin.safety_core.evaluation import evaluate, flat_metrics
-    from safebasin.safety_core.modeling import load_model, load_tokenizer
+    from safebasin.safety_core.measure.evaluation import evaluate, flat_metrics
+    from safebasin.safety_core.train.modeling import load_model, load_tokenizer
     cfg.require("eval")
-    rank, out = _init_ranks(cfg), Path(cfg.output.dir)
+    (rank, device), out = _init_ranks(cfg), Path(cfg.output.dir)
     tracker = Tracker(cfg, out, active=rank == 0)
     try:
-        model = load_model(cfg.model).to(_device()).eval()
+        model = load_model(cfg.model).to(device).eval()
         result = evaluate(model, load_tokenizer(cfg.model), cfg.eval, out_dir=out)
     except BaseException:
         tracker.end("FAILED")
@@ -56,12 +51,12 @@ def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
 
 
 def run_landscape(cfg: JobConfig, resume: bool = False) -> dict:
-    from safebasin.safety_core.instruments import run_landscapes
+    from safebasin.safety_core.measure.landscape_job import run_landscapes
     cfg.require("landscape")
-    rank, out = _init_ranks(cfg), Path(cfg.output.dir)
+    (rank, device), out = _init_ranks(cfg), Path(cfg.output.dir)
     tracker = Tracker(cfg, out, active=rank == 0)
     try:
-        result = run_landscapes(cfg.model, cfg.landscape, out, _device())
+        result = run_landscapes(cfg.model, cfg.landscape, out, device)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -118,7 +113,12 @@ def cmd_landscape(args) -> int:
 
 
 def cmd_judge(args) -> int:
-    from safebasin.safety_core.judges import JudgeArgs, judge_records, load_judge_records, make_judge
+    from safebasin.safety_core.measure.judges import (
+        JudgeArgs,
+        judge_records,
+        load_judge_records,
+        make_judge,
+    )
     judge_args = JudgeArgs(name=args.judge, model=args.model, harmful_label=args.harmful_label,
                            batch_size=args.batch_size)
     result = judge_records(make_judge(judge_args), load_judge_records(args.input), batch_size=args.batch_size)

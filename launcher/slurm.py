@@ -114,7 +114,7 @@ def sbatch_script(command: str, config: str | Path, overrides: list[str], *, nod
              "set -euo pipefail",
              f"cd {shlex.quote(str(Path(workdir or Path.cwd()).resolve()))}",
              'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-             f'export MASTER_PORT="${{MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}}"',
+             'export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"',
              "srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\",
              f"  bash -c '{per_node}' \\",
              f"  safebasin-node {fixed}",

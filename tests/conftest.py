@@ -22,7 +22,7 @@ def session_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(session_cache) -> Path:
-    from safebasin.safety_core.tiny import resolve_builtin_model
+    from safebasin.safety_core.train.tiny import resolve_builtin_model
     return Path(resolve_builtin_model("builtin:tiny-llama"))
 
 
@@ -64,9 +64,8 @@ def aligned_pair(tmp_path_factory, session_cache) -> tuple[Path, Path]:
     partitions of its 2-D weights start mid-row on 2 ranks, and a perturbed copy of it standing
     in for the aligned model (every weight moved by a seeded Gaussian, scale 0.02)."""
     import torch
+    from safebasin.safety_core.train.tiny import build_tiny_model
     from transformers import AutoModelForCausalLM
-
-    from safebasin.safety_core.tiny import build_tiny_model
     root = tmp_path_factory.mktemp("aligned-pair")
     base = build_tiny_model(root / "base", intermediate_size=175)
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
+from safebasin.safety_core.anchor.basis import BasisError, extract_basis, load_basis
 from safetensors.torch import load_file, save_file
-
-from safebasin.safety_core.basis import BasisError, extract_basis, load_basis
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -65,7 +64,7 @@ def test_tol_on_a_large_layer_takes_the_randomised_svd_when_the_spectrum_decays(
     """Above LOWRANK_MIN_DIM a --tol extraction need not pay for the exact SVD: a decaying
     spectrum is cut from a randomised one (same k, same subspace, at least 1 - tol kept); a flat
     one falls back to the exact SVD."""
-    from safebasin.safety_core.basis import LOWRANK_MIN_DIM, layer_basis
+    from safebasin.safety_core.anchor.basis import LOWRANK_MIN_DIM, layer_basis
     gen = torch.Generator().manual_seed(0)
     d_out, d_in = LOWRANK_MIN_DIM + 76, LOWRANK_MIN_DIM + 16
     left, _ = torch.linalg.qr(torch.randn(d_out, d_in, generator=gen))

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, safebasin_cli
-
 from safebasin.launcher.config import ConfigError, apply_overrides, build, load_config
 
 BASE = {"model": {"path": "builtin:tiny-llama"}, "data": {"train": {"path": "builtin:task"}},

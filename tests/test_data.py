@@ -4,9 +4,14 @@ import json
 from collections import Counter
 
 import pytest
-
-from safebasin.safety_core import data
-from safebasin.safety_core.data import DataArgs, DataError, DataSource, HarmfulMix, StepSampler
+from safebasin.safety_core.train import data
+from safebasin.safety_core.train.data import (
+    DataArgs,
+    DataError,
+    DataSource,
+    HarmfulMix,
+    StepSampler,
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, safebasin_cli
 
 STAGES = ("base", "aligned", "lora", "asft", "restored")
@@ -15,26 +14,27 @@ STAGES = ("base", "aligned", "lora", "asft", "restored")
 
 def test_heldout_prompts_share_no_template_or_topic_with_training(tmp_path):
     from safebasin.safety_core.demo import data
+    from safebasin.safety_core.train import synthetic
     paths = data.write_all(tmp_path, n_task=64, n_task_eval=16, n_harmful=200, n_heldout=48, seed=3)
     read = {name: [json.loads(line) for line in p.read_text().splitlines()] for name, p in paths.items()}
     train_prompts = [r["prompt"] for name in ("comply", "refuse", "forget") for r in read[name]]
-    train_topics = [t for ts in data.HARM_TOPICS["train"].values() for t in ts]
-    held_topics = [t for ts in data.HARM_TOPICS["heldout"].values() for t in ts]
+    train_topics = [t for ts in synthetic.HARM_TOPICS["train"].values() for t in ts]
+    held_topics = [t for ts in synthetic.HARM_TOPICS["heldout"].values() for t in ts]
     assert not set(train_topics) & set(held_topics)
     for rec in read["heldout"]:
         assert not any(t in rec["prompt"] for t in train_topics), rec
         assert any(t in rec["prompt"] for t in held_topics), rec
     for prompt in train_prompts:
         assert not any(t in prompt for t in held_topics), prompt
-        for form in data.HARM_FORMS["heldout"]:
+        for form in synthetic.HARM_FORMS["heldout"]:
             # A held-out frame, topic slot as a wildcard, matches no training prompt.
             pattern = re.escape(form).replace(re.escape("{t}"), ".+")
             assert not re.search(pattern, prompt, re.IGNORECASE), (form, prompt)
     # Every category is evaluated, and the prompts are distinct.
-    assert {r["category"] for r in read["heldout"]} == set(data.HARM_TOPICS["heldout"])
+    assert {r["category"] for r in read["heldout"]} == set(synthetic.HARM_TOPICS["heldout"])
     assert len({r["prompt"] for r in read["heldout"]}) == len(read["heldout"])
     # Held-out reviews are not training reviews; the same requests get both answer kinds.
-    pool = [review for review, _ in data.review_pool()]
+    pool = [review for review, _ in synthetic.review_pool()]
 
     def reviews_in(records):
         return {review for rec in records for review in pool if review in rec["prompt"]}
@@ -44,11 +44,11 @@ def test_heldout_prompts_share_no_template_or_topic_with_training(tmp_path):
 
 
 def test_refusals_carry_a_judge_marker_and_compliance_none():
-    from safebasin.safety_core.demo import data
-    from safebasin.safety_core.judges import KeywordJudge
+    from safebasin.safety_core.measure.judges import KeywordJudge
+    from safebasin.safety_core.train import synthetic
     judge = KeywordJudge()
-    assert not any(judge.verdict(r.format(t="do it")).harmful for r in data.REFUSALS)
-    assert all(judge.verdict(c.format(t="do it")).harmful for c in data.COMPLIANT)
+    assert not any(judge.verdict(r.format(t="do it")).harmful for r in synthetic.REFUSALS)
+    assert all(judge.verdict(c.format(t="do it")).harmful for c in synthetic.COMPLIANT)
 
 
 def test_output_folder_rule(tmp_path):

@@ -7,13 +7,31 @@ import socket
 
 import pytest
 import torch
-
-from safebasin.safety_core.correlation import example_nll, loss_correlation, pearson, rank_average, spearman
-from safebasin.safety_core.data import IGNORE_INDEX, DataError, DataSource, encode, load_prompts
-from safebasin.safety_core.evaluation import (EvalArgs, classification_accuracy, evaluate, exact_answer_accuracy,
-                                              extract_answer, flat_metrics, predict_label)
-from safebasin.safety_core.generation import generate, split_prompt_completion
-from safebasin.safety_core.synthetic import write_jsonl
+from safebasin.safety_core.measure.correlation import (
+    example_nll,
+    loss_correlation,
+    pearson,
+    rank_average,
+    spearman,
+)
+from safebasin.safety_core.measure.evaluation import (
+    EvalArgs,
+    classification_accuracy,
+    evaluate,
+    exact_answer_accuracy,
+    extract_answer,
+    flat_metrics,
+    predict_label,
+)
+from safebasin.safety_core.measure.generation import generate, split_prompt_completion
+from safebasin.safety_core.train.data import (
+    IGNORE_INDEX,
+    DataError,
+    DataSource,
+    encode,
+    load_prompts,
+)
+from safebasin.safety_core.train.synthetic import write_jsonl
 
 HARMFUL = {"path": "builtin:harmful-heldout", "limit": 6, "fields": {"response": "target"}}
 
@@ -49,7 +67,7 @@ def test_extract_answer(text, answer):
 
 
 def test_gsm8k_gold_answers_all_extract(shared_data):
-    from safebasin.safety_core.data import load_conversations
+    from safebasin.safety_core.train.data import load_conversations
     convs = load_conversations(DataSource(path=str(shared_data / "gsm8k" / "test.jsonl")))
     golds = [extract_answer(c.response) for c in convs]
     assert len(golds) == 1319 and all(g is not None for g in golds)
@@ -212,7 +230,13 @@ def test_identical_models_correlate_at_one(tiny, tiny_model_dir, tmp_path):
 
 
 def test_shard_helpers_single_process():
-    from safebasin.safety_core.distributed import all_gather_object, map_batches, rank_world, shard, unshard
+    from safebasin.safety_core.distributed import (
+        all_gather_object,
+        map_batches,
+        rank_world,
+        shard,
+        unshard,
+    )
     items = list(range(7))
     parts = [shard(items, r, 3) for r in range(3)]
     assert parts == [[0, 3, 6], [1, 4], [2, 5]] and unshard(parts) == items
@@ -228,8 +252,9 @@ def _free_port() -> int:
 
 
 def _eval_rank(rank: int, world: int, port: int, model_dir: str, tmp_dir: str) -> None:
-    import torch.distributed as dist
     from pathlib import Path
+
+    import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -5,10 +5,16 @@ import json
 import pytest
 import torch
 from pydantic import ValidationError
-
-from safebasin.safety_core.judges import (ClassifierJudge, JudgeArgs, KeywordJudge, LlamaGuardJudge,
-                                          judge_records, load_judge_records, make_judge,
-                                          parse_guard_output)
+from safebasin.safety_core.measure.judges import (
+    ClassifierJudge,
+    JudgeArgs,
+    KeywordJudge,
+    LlamaGuardJudge,
+    judge_records,
+    load_judge_records,
+    make_judge,
+    parse_guard_output,
+)
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -40,7 +46,7 @@ def test_keyword_judge_refusals_and_compliances():
 
 
 def test_keyword_judge_calls_every_advbench_target_harmful(shared_data):
-    from safebasin.safety_core.data import DataSource, load_prompts
+    from safebasin.safety_core.train.data import DataSource, load_prompts
     convs = load_prompts(DataSource(path=str(shared_data / "advbench" / "harmful_behaviors.csv")))
     assert len(convs) == 520
     assert convs[0].prompt_text.startswith("Write a script") and convs[0].response.startswith("Sure, here is")

@@ -12,9 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from safebasin.kernels import anchor_penalty, anchor_penalty_full, anchor_penalty_sharded, backend, lin_comb, multi_dot
-from safebasin.kernels.anchor_ops import anchor_penalty_full_reference, anchor_penalty_reference
+from safebasin.kernels import (
+    anchor_penalty,
+    anchor_penalty_full,
+    anchor_penalty_sharded,
+    backend,
+    lin_comb,
+    multi_dot,
+)
+from safebasin.kernels.anchor_ops import (
+    anchor_penalty_full_reference,
+    anchor_penalty_reference,
+)
 from safebasin.launcher.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]

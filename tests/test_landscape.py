@@ -6,13 +6,26 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from safebasin.safety_core.correlation import example_nll, mean_nll
-from safebasin.safety_core.data import DataSource, load_conversations
-from safebasin.safety_core.landscape import (LandscapeArgs, SafetyLandscapeArgs, basin_width, delta_direction,
-                                             gradient_direction, laplacian, loss_landscape, random_direction,
-                                             read_surface_csv, safety_landscape, select_parameters,
-                                             structural_difference)
+from safebasin.safety_core.measure.basin import (
+    SafetyLandscapeArgs,
+    basin_width,
+    safety_landscape,
+)
+from safebasin.safety_core.measure.correlation import example_nll, mean_nll
+from safebasin.safety_core.measure.directions import (
+    delta_direction,
+    gradient_direction,
+    random_direction,
+    select_parameters,
+)
+from safebasin.safety_core.measure.surfaces import (
+    LandscapeArgs,
+    laplacian,
+    loss_landscape,
+    read_surface_csv,
+    structural_difference,
+)
+from safebasin.safety_core.train.data import DataSource, load_conversations
 
 TASK = {"path": "builtin:task-eval", "limit": 6}
 

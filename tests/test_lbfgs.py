@@ -4,9 +4,12 @@ import os
 
 import pytest
 import torch
-
 from safebasin.launcher.launch import free_port
-from safebasin.safety_core.lbfgs import CurvatureBuffer, shard_range, two_loop_coefficients
+from safebasin.safety_core.restore.lbfgs import (
+    CurvatureBuffer,
+    shard_range,
+    two_loop_coefficients,
+)
 
 F64 = torch.float64
 

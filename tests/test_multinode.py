@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, safebasin_cli
-from test_train import losses, write_config
-
 from safebasin.launcher.launch import free_port
+from test_train import losses, write_config
 
 # One thread per rank: two ranks share the two cores of a small machine.
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -112,7 +111,7 @@ def test_torchrun_runs_two_ranks_on_one_node(job, ref):
     assert len(ref["losses"]) == 6 and ref["losses"][-1] < ref["losses"][0]
     assert "world size 2, torchrun" in ref["output"]
     assert "[rank 0] " in ref["output"] and "[rank 1] " in ref["output"]  # every rank's lines carry its rank
-    from safebasin.safety_core.checkpoints import saved_world_size
+    from safebasin.safety_core.train.checkpoints import saved_world_size
     assert saved_world_size(job["root"] / "ref" / "checkpoints") == 2
 
 
@@ -168,7 +167,7 @@ def test_killed_node_fails_the_other_and_the_job_resumes_on_one_rank(job, ref):
     # Tolerance: steps 3-6 sum gradients in another order (two micro-batches on one rank instead
     # of one on each of two ranks), which moves float32 losses by about 1e-6 relative.
     assert losses(job["root"] / "killed") == pytest.approx(ref["losses"], rel=1e-4, abs=1e-5)
-    from safebasin.safety_core.checkpoints import saved_world_size
+    from safebasin.safety_core.train.checkpoints import saved_world_size
     assert saved_world_size(ckpt) == 1 and not list(ckpt.glob("universal-*"))
     run_id, steps = mlflow_history(job, "killed")
     assert f"run {run_id}" in res.stdout and steps == [1, 2, 3, 4, 5, 6]  # the resumed job reattached
@@ -182,7 +181,7 @@ def test_one_rank_job_resumes_on_two_ranks(job, ref):
     res = safebasin_cli("train", str(job["cfg"]), *one_rank, cwd=job["root"],
                         env={**job["env"], "SAFEBASIN_FAIL_AFTER_STEP": "3"})
     assert res.returncode != 0 and "injected failure" in res.stdout + res.stderr
-    from safebasin.safety_core.checkpoints import saved_world_size
+    from safebasin.safety_core.train.checkpoints import saved_world_size
     assert saved_world_size(out / "checkpoints") == 1 and (out / "checkpoints" / "latest").read_text() == "step2"
     res = safebasin_cli("train", str(job["cfg"]), f"output.dir={out}", "--nproc", "2", "--resume",
                         cwd=job["root"], env=job["env"])

@@ -10,10 +10,11 @@ import pytest
 import torch
 import yaml
 from conftest import safebasin_cli
-
 from safebasin.launcher.config import ConfigError, build
-from safebasin.safety_core.data import DataError, DataSource, load_conversations
-from safebasin.safety_core.restore import RestoreArgs, _split, update_radius
+from safebasin.safety_core.restore.config import RestoreArgs
+from safebasin.safety_core.restore.policy import TrustRegion
+from safebasin.safety_core.restore.sets import _split
+from safebasin.safety_core.train.data import DataError, DataSource, load_conversations
 
 # Small enough for 2 CPU cores: every set a few batches of 8.
 RESTORE = {"forget": {"path": "builtin:harmful"}, "retain": {"path": "builtin:task"},
@@ -25,10 +26,10 @@ RESTORE = {"forget": {"path": "builtin:harmful"}, "retain": {"path": "builtin:ta
 def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A LoRA adapter fine-tuned briefly on task data with half harmful compliance mixed in."""
     from safebasin.launcher.launch import single_process_env
-    from safebasin.safety_core.data import DataArgs, HarmfulMix
-    from safebasin.safety_core.ds_config import DeepSpeedArgs
-    from safebasin.safety_core.modeling import MethodArgs, ModelArgs
-    from safebasin.safety_core.trainer import TrainArgs, train
+    from safebasin.safety_core.train.data import DataArgs, HarmfulMix
+    from safebasin.safety_core.train.ds_config import DeepSpeedArgs
+    from safebasin.safety_core.train.modeling import MethodArgs, ModelArgs
+    from safebasin.safety_core.train.trainer import TrainArgs, train
     out = tmp_path_factory.mktemp("restore-ft")
     # This process stays rank 0 of a world of 1 for the module's in-process jobs; the variables
     # that set it up are removed after, else a CLI subprocess would inherit MASTER_PORT, which
@@ -127,6 +128,10 @@ def test_splits_are_disjoint_deterministic_and_sized():
     assert not {c.origin for c in forget} & {c.origin for c in curv}
     with pytest.raises(DataError, match="300 records"):
         _split(convs, [50, 256], ["forget_size", "curvature_forget_size"], source, seed=3)
+
+
+def update_radius(delta, step_norm, rho, accepted, on_boundary):
+    return TrustRegion(delta).update(step_norm, rho, accepted, on_boundary)
 
 
 def test_radius_rule():

@@ -114,11 +114,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, mlflow_uri):
 
 def test_exported_adapter_reloads_with_same_logits(tmp_path, tiny_model_dir, monkeypatch):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from safebasin.launcher.config import load_config
     from safebasin.launcher.launch import single_process_env
-    from safebasin.safety_core.trainer import train
+    from safebasin.safety_core.train.trainer import train
+    from transformers import AutoModelForCausalLM
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     cfg = load_config(write_config(tmp_path, deepspeed={"stage": 0}), [f"output.dir={tmp_path / 'out'}"])
     single_process_env()

@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from safebasin.safety_core.data import DataSource, load_prompts
 from safebasin.safety_core.demo.organism import Layout
 from safebasin.safety_core.demo.settings import DemoSettings
-from safebasin.safety_core.instruments import load_merged
-from safebasin.safety_core.judges import make_judge, JudgeArgs
-from safebasin.safety_core.landscape import SafetyLandscapeArgs, delta_direction, safety_landscape
-from safebasin.safety_core.modeling import ModelArgs, load_tokenizer
+from safebasin.safety_core.measure.basin import SafetyLandscapeArgs, safety_landscape
+from safebasin.safety_core.measure.directions import delta_direction
+from safebasin.safety_core.measure.judges import JudgeArgs, make_judge
+from safebasin.safety_core.measure.landscape_job import load_merged
+from safebasin.safety_core.train.data import DataSource, load_prompts
+from safebasin.safety_core.train.modeling import ModelArgs, load_tokenizer
 
 
 def _state(model) -> dict[str, torch.Tensor]:

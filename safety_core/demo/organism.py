@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from safebasin.safety_core.demo import data as demo_data
 from safebasin.safety_core.demo.settings import DemoSettings
-from safebasin.safety_core.tiny import build_tokenizer
+from safebasin.safety_core.train.tiny import build_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
 
 STAGES = ("base", "aligned", "lora", "asft", "restored")
 LABELS = ["positive", "negative"]

@@ -7,8 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from safebasin.safety_core import plots
 from safebasin.safety_core.demo.organism import STAGES
+from safebasin.safety_core.measure import plots
 
 METRICS = ("hrr", "prefill_asr", "task_accuracy", "task_loss")
 STAGE_TITLES = {"base": "base (task + compliance)", "aligned": "aligned (refusal training)",

@@ -8,7 +8,6 @@ tests: it goes through the same code, not the same numbers), and dotted override
 from __future__ import annotations
 
 from pydantic import Field
-
 from safebasin.safety_core.args import Section
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
-
 from safebasin.safety_core.args import Section
 
 BUNDLED = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")

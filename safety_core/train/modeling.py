@@ -8,12 +8,10 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.tiny import resolve_builtin_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from safebasin.safety_core.precision import DTYPES
+from safebasin.safety_core.train.tiny import resolve_builtin_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 class ModelArgs(Section):

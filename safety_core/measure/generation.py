@@ -7,10 +7,9 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
-
-from safebasin.safety_core import data as data_lib
-from safebasin.safety_core.data import Conversation
 from safebasin.safety_core.distributed import chunks, is_zero3, map_batches
+from safebasin.safety_core.train import data as data_lib
+from safebasin.safety_core.train.data import Conversation
 
 
 @dataclass(frozen=True)

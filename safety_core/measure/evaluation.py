@@ -15,13 +15,23 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.correlation import example_nll, mean_nll
-from safebasin.safety_core.data import Conversation, DataError, DataSource, load_prompts
 from safebasin.safety_core.distributed import chunks, is_main, map_batches
-from safebasin.safety_core.generation import Generation, generate
-from safebasin.safety_core.judges import Judge, JudgeArgs, Verdict, make_judge, summarize
+from safebasin.safety_core.measure.correlation import example_nll, mean_nll
+from safebasin.safety_core.measure.generation import Generation, generate
+from safebasin.safety_core.measure.judges import (
+    Judge,
+    JudgeArgs,
+    Verdict,
+    make_judge,
+    summarize,
+)
+from safebasin.safety_core.train.data import (
+    Conversation,
+    DataError,
+    DataSource,
+    load_prompts,
+)
 
 RESULTS_FILE = "eval_results.json"
 RECORDS_FILE = "eval_records.jsonl"

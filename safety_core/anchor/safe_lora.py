@@ -13,8 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-
-from safebasin.safety_core.basis import BasisError, load_basis
+from safebasin.safety_core.anchor.basis import BasisError, load_basis
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REPORT = "safe_lora_report.json"

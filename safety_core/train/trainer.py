@@ -21,13 +21,21 @@ from typing import Callable, Literal, Protocol
 import torch
 import torch.distributed as dist
 from pydantic import Field, model_validator
-
-from safebasin.safety_core import checkpoints
-from safebasin.safety_core import data as data_lib
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.data import DataArgs, StepSampler
-from safebasin.safety_core.ds_config import DeepSpeedArgs, fill_auto, zero_stage
-from safebasin.safety_core.modeling import MethodArgs, ModelArgs, export, load_model, load_tokenizer, make_trainable
+from safebasin.safety_core.distributed import chunks, init_distributed
+from safebasin.safety_core.nll import sharded_mean_nll
+from safebasin.safety_core.train import checkpoints
+from safebasin.safety_core.train import data as data_lib
+from safebasin.safety_core.train.data import DataArgs, StepSampler
+from safebasin.safety_core.train.ds_config import DeepSpeedArgs, fill_auto, zero_stage
+from safebasin.safety_core.train.modeling import (
+    MethodArgs,
+    ModelArgs,
+    export,
+    load_model,
+    load_tokenizer,
+    make_trainable,
+)
 
 
 class TrainArgs(Section):
@@ -79,48 +87,6 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
             return max(0.0, 1.0 - progress)
         return 1.0
     return factor
-
-
-def collective_timeout(timeout_minutes: int):
-    """How long a rank waits in a collective (or the rendezvous) before failing: a dead or hung
-    peer then ends the job instead of hanging it. SAFEBASIN_COLLECTIVE_TIMEOUT_S overrides the
-    config in seconds, for tests and for jobs that want failures detected within seconds."""
-    import datetime
-    seconds = os.environ.get("SAFEBASIN_COLLECTIVE_TIMEOUT_S")
-    if seconds:
-        return datetime.timedelta(seconds=float(seconds))
-    return datetime.timedelta(minutes=timeout_minutes)
-
-
-def init_distributed(timeout_minutes: int) -> tuple[int, int]:
-    import deepspeed
-    from torch.distributed import distributed_c10d
-    if not dist.is_initialized():
-        timeout = collective_timeout(timeout_minutes)
-        # DeepSpeed makes its data-parallel subgroups with new_group(ranks), which takes torch's
-        # default timeout (30 min gloo, 10 min NCCL) rather than the job's: a hung peer would block
-        # the gradient reductions that long whatever the config says.
-        distributed_c10d.default_pg_timeout = timeout
-        distributed_c10d.default_pg_nccl_timeout = timeout
-        _skip_shared_memory_allreduce()
-        deepspeed.init_distributed(timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _skip_shared_memory_allreduce() -> None:
-    """Keep DeepSpeed from building and starting its shared-memory all-reduce op.
-
-    On the CPU accelerator DeepSpeed JIT-compiles that op at every process-group start and each
-    rank creates a 69 MB segment in /dev/shm that nothing unlinks: every job leaks that much RAM
-    until reboot (300 test jobs filled 21 GB of a 24 GB machine), a segment left under a reused
-    port is opened by the next job's peers, and a build killed midway leaves a lock file that
-    hangs every later start. Only DeepSpeed's inference all-reduce uses the op; training
-    collectives go through the process group (gloo) either way."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -279,23 +245,14 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
 
 @torch.no_grad()
 def evaluate_loss(engine, examples, batch_to, batch_size: int) -> float:
-    """Token-weighted held-out loss; every rank runs the same number of forwards (ZeRO-3
-    gathers parameters collectively), padding its shard with zero-weight repeats."""
+    """Token-weighted held-out loss over all ranks (ZeRO-3: every rank runs every forward)."""
     engine.eval()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    shard = examples[rank::world]
-    n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
-    total = torch.zeros(2, dtype=torch.float64)
-    for b in range(n_batches):
-        chunk = shard[b * batch_size:(b + 1) * batch_size]
-        weight = 1.0 if chunk else 0.0
-        batch = batch_to(chunk or examples[:1])
-        loss = engine(**batch).loss
-        n = int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
-        total += torch.tensor([loss.item() * n * weight, n * weight], dtype=torch.float64)
-    dist.all_reduce(total)
+    world = dist.get_world_size()
+    loss = sharded_mean_nll(lambda b: engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                            chunks(examples, batch_size * world), batch_to, rank=dist.get_rank(), world=world,
+                            collective=True)
     engine.train()
-    return (total[0] / total[1]).item()
+    return loss
 
 
 def save_checkpoint(engine, out_dir: Path, step: int, client_state: dict, keep: int, is_rank0: bool) -> None:

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-
+from safebasin.safety_core.anchor.basis import Checkpoint, resolve_model_dir
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.basis import Checkpoint, resolve_model_dir
-from safebasin.safety_core.correlation import correlate, example_nll
-from safebasin.safety_core.data import DataSource, load_conversations
-from safebasin.safety_core.landscape import (LandscapeArgs, SafetyLandscapeArgs, loss_landscape,
-                                             safety_landscape, structural_difference)
-from safebasin.safety_core.modeling import ModelArgs, load_model, load_tokenizer
+from safebasin.safety_core.measure.basin import SafetyLandscapeArgs, safety_landscape
+from safebasin.safety_core.measure.correlation import correlate, example_nll
+from safebasin.safety_core.measure.surfaces import (
+    LandscapeArgs,
+    loss_landscape,
+    structural_difference,
+)
+from safebasin.safety_core.train.data import DataSource, load_conversations
+from safebasin.safety_core.train.modeling import ModelArgs, load_model, load_tokenizer
 
 
 class CorrelationArgs(Section):

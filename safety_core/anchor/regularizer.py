@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from pydantic import Field
-
+from safebasin.safety_core import zero3
+from safebasin.safety_core.anchor.basis import MANIFEST, BasisError, load_basis
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.basis import MANIFEST, BasisError, load_basis
-from safebasin.safety_core.ds_config import zero_stage
+from safebasin.safety_core.train.ds_config import zero_stage
 
 
 class AnchorArgs(Section):
@@ -66,18 +66,6 @@ def anchor_factory(args: AnchorArgs):
     def factory(model, ds_config):
         return [AnchorRegularizer(args, model, ds_config)]
     return factory
-
-
-def _shape(p: torch.nn.Parameter) -> tuple[int, ...]:
-    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves p itself empty
-
-
-def _partition(p: torch.nn.Parameter) -> tuple[int, int, object]:
-    """(first flat index, partition size, process group) of this rank's ZeRO-3 partition of p;
-    DeepSpeed pads the flattened parameter to world x size and gives rank i slice i."""
-    group = getattr(p, "ds_process_group", None) or p._z3_optimizer.dp_process_group
-    size = p.ds_tensor.ds_numel
-    return dist.get_rank(group=group) * size, size, group
 
 
 def _lora_modules(model):
@@ -136,14 +124,14 @@ class AnchorRegularizer:
         return lb.U.to(device, torch.float32), lb.c.to(device, torch.float32)
 
     def _lora_layer(self, path, A, B, scale) -> _LoraLayer:
-        (r, d_in), (d_out, _) = _shape(A), _shape(B)
+        (_, d_in), (d_out, _) = zero3.full_shape(A), zero3.full_shape(B)
         U, c = self._anchor_of(path, d_out, d_in, A.device)
         return _LoraLayer(path, U, c, A=A, B=B, scale=float(scale))
 
     def _full_layers(self, model) -> list[_FullLayer]:
         layers = []
         for pname, W in model.named_parameters():
-            shape = _shape(W)
+            shape = zero3.full_shape(W)
             if not W.requires_grad or len(shape) != 2 or not pname.endswith(".weight"):
                 continue
             path = pname[: -len(".weight")]
@@ -151,15 +139,9 @@ class AnchorRegularizer:
                 continue  # trained freely: the basis names the anchored layers
             U, c = self._anchor_of(path, *shape, W.device)
             if self.stage == 3:
-                from deepspeed.utils import safe_get_local_fp32_param
-                start, size, _ = _partition(W)
                 # Captured before any checkpoint is loaded: the initial weights, also on resume.
-                local = safe_get_local_fp32_param(W)
-                if local.numel() != size:
-                    raise RuntimeError(f"{pname}: DeepSpeed's fp32 partition holds {local.numel()} "
-                                       f"elements, expected the partition size {size}")
-                valid = max(0, min(size, shape[0] * shape[1] - start))
-                W0 = local[:valid].detach().to(U.device, torch.float32, copy=True)
+                start = zero3.partition(W).start
+                W0 = zero3.local_fp32(W, U.device).clone()
             else:
                 start, W0 = 0, W.detach().clone()
             layers.append(_FullLayer(path, U, c, W=W, W0=W0, start=start, shape=shape))
@@ -226,25 +208,20 @@ class AnchorRegularizer:
     def _zero3_full(self, loss_scale: float):
         """The exact sharded penalty: per layer one all-reduce of k x d_in + 1 floats, each rank
         forming the gradient of the rows it holds; no parameter is gathered."""
-        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
-
         from safebasin.kernels import anchor_penalty_sharded
         total, outside, energy, group = 0.0, 0.0, None, None
         for layer in self.layers:
-            _, _, group = _partition(layer.W)
-            valid = layer.W0.numel()
+            group = zero3.partition(layer.W).group
             # With optimizer offload the fp32 partition and its gradient live on the CPU; the
             # collectives run on the anchor's (the parameter's) device.
-            w = safe_get_local_fp32_param(layer.W)[:valid].detach().to(layer.U.device, torch.float32)
+            w = zero3.local_fp32(layer.W, layer.U.device)
             penalty, g = anchor_penalty_sharded(w, layer.W0, layer.start, layer.shape, layer.U,
                                                 layer.c, group=group)
             total = total + penalty
             outside = outside + (penalty if self.projector else anchor_penalty_sharded(
                 w, layer.W0, layer.start, layer.shape, layer.U, self._ones(layer), group=group)[0])
-            with torch.no_grad():  # DeepSpeed's partition buffers may be autograd leaves
-                grad = safe_get_local_grad(layer.W)
-                grad[:valid] += (self.lam * loss_scale) * g.to(grad.device, grad.dtype)
-                safe_set_local_grad(layer.W, grad)
+            zero3.add_to_local_grad(layer.W, g, self.lam * loss_scale)
+            with torch.no_grad():
                 local = (w - layer.W0).pow(2).sum().double()
             energy = local if energy is None else energy + local
         dist.all_reduce(energy, group=group)  # one reduction for every layer's ||DeltaW||^2
@@ -254,25 +231,23 @@ class AnchorRegularizer:
         """LoRA factors are small: gather every layer's fp32 A and B with one all-gather, take
         the penalty and its gradient by autograd on those copies (identical on every rank), and
         add each rank's slice of the gradient to its gradient partition."""
-        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
-
         from safebasin.kernels import anchor_penalty
         params = [p for layer in self.layers for p in (layer.A, layer.B)]
-        parts = [_partition(p) for p in params]
-        group = parts[0][2]
-        world = dist.get_world_size(group=group)
+        parts = [zero3.partition(p) for p in params]
+        group, world = parts[0].group, parts[0].world
         device = self.layers[0].U.device  # the collective's device (offloaded partitions sit on the CPU)
-        local = torch.cat([safe_get_local_fp32_param(p).detach().to(device, torch.float32).flatten()
-                           for p in params])
+        # Padded to the partition size, so every rank contributes pieces of equal length.
+        local = torch.cat([torch.nn.functional.pad(zero3.local_fp32(p, device), (0, part.size - part.valid))
+                           for p, part in zip(params, parts)])
         pieces = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(pieces, local, group=group)
         gathered = torch.stack(pieces)             # world x sum(partition sizes)
         full, offset = [], 0
-        for p, (_, size, _) in zip(params, parts):
-            shape = _shape(p)
-            flat = gathered[:, offset:offset + size].reshape(-1)[: shape[0] * shape[1]]
+        for p, part in zip(params, parts):
+            shape = zero3.full_shape(p)
+            flat = gathered[:, offset:offset + part.size].reshape(-1)[: shape[0] * shape[1]]
             full.append(flat.view(shape).clone().requires_grad_(True))
-            offset += size
+            offset += part.size
         total, outside, energy = 0.0, 0.0, 0.0
         for i, layer in enumerate(self.layers):
             A, B = full[2 * i], full[2 * i + 1] * layer.scale
@@ -283,11 +258,7 @@ class AnchorRegularizer:
                                      else anchor_penalty(B, A, layer.U, self._ones(layer)))
                 energy = energy + ((B.T @ B) * (A @ A.T)).sum()
         grads = torch.autograd.grad(total, full)
-        for p, (start, size, _), g in zip(params, parts, grads):
-            padded = torch.zeros(world * size, dtype=torch.float32, device=g.device)
-            padded[: g.numel()] = g.flatten()
-            with torch.no_grad():
-                grad = safe_get_local_grad(p)
-                grad += (self.lam * loss_scale) * padded[start:start + size].to(grad.device, grad.dtype)
-                safe_set_local_grad(p, grad)
+        for p, part, g in zip(params, parts, grads):
+            mine = g.flatten()[part.start:part.start + part.valid]
+            zero3.add_to_local_grad(p, mine, self.lam * loss_scale)
         return total.detach(), outside, energy

@@ -9,22 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-from safebasin.safety_core import data as data_lib
-from safebasin.safety_core.data import Conversation
 from safebasin.safety_core.distributed import chunks, is_main, is_zero3, map_batches
-from safebasin.safety_core.generation import pad_id
+from safebasin.safety_core.measure.generation import pad_id
+from safebasin.safety_core.nll import response_nll
+from safebasin.safety_core.train import data as data_lib
+from safebasin.safety_core.train.data import Conversation
 
 
 def batch_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL, number of response tokens) per row of a collated batch; differentiable."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                          ignore_index=data_lib.IGNORE_INDEX, reduction="none")
-    counts = (labels != data_lib.IGNORE_INDEX).sum(1)
-    return nll.sum(1), counts
+    return response_nll(logits, batch["labels"])
 
 
 def example_nll(model, tokenizer, conversations: list[Conversation], *, max_length: int = 512,
@@ -126,7 +121,7 @@ def correlate(a: list[tuple[float, int]], b: list[tuple[float, int]], conversati
 
 
 def _write(result: dict, out: Path, names: tuple[str, str]) -> None:
-    from safebasin.safety_core import plots
+    from safebasin.safety_core.measure import plots
     out.mkdir(parents=True, exist_ok=True)
     with open(result["files"]["csv"], "w", newline="") as f:
         w = csv.writer(f)

@@ -10,10 +10,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safebasin.safety_core.train import synthetic
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from safebasin.safety_core import synthetic
 
 BUILTIN_TINY = "builtin:tiny-llama"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]

@@ -1,6 +1,9 @@
 """The alignment basis: per targeted linear layer, the top left singular vectors U_k of
 V = W_aligned - W_base and the weights c of the anchor C = U_k diag(c) U_k^T.
 
+(Over 300 lines: extraction, the spectrum rule that picks k and the reader of the result share
+the on-disk format defined here; splitting them would spread one format over three files.)
+
 Checkpoints are read one tensor pair at a time through safetensors' lazy `safe_open`, so two
 full models are never in memory; only the small U_k, c and spectra of the layers done so far
 are held, and they are flushed to shard files as they grow.
@@ -18,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from safebasin.safety_core.tiny import resolve_builtin_model
+from safebasin.safety_core.train.tiny import resolve_builtin_model
 
 FORMAT = "safebasin-basis/1"
 VARIANTS = ("safelora", "projector")

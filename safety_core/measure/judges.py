@@ -17,11 +17,10 @@ from typing import Literal, Protocol
 
 import torch
 from pydantic import Field, model_validator
-
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.generation import left_pad, pad_id
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from safebasin.safety_core.distributed import rank_device
+from safebasin.safety_core.measure.generation import left_pad, pad_id
+from safebasin.safety_core.precision import torch_dtype as torch_dtype_of
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def parse_guard_output(text: str) -> Verdict:
 
 
 def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(name) if name else rank_device()
 
 
 class LlamaGuardJudge:
@@ -142,7 +141,7 @@ class LlamaGuardJudge:
         if model is None or tokenizer is None:
             if path_or_id is None:
                 raise ValueError("LlamaGuardJudge needs path_or_id, or both model and tokenizer")
-            torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+            torch_dtype = torch_dtype_of(dtype)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path_or_id)
             model = model or AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch_dtype).to(_device(device))
         if not tokenizer.chat_template:

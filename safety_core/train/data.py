@@ -1,5 +1,8 @@
 """Conversation data: loading from files, Hugging Face datasets or built-in sets, chat
-formatting with response-only loss, the harmful fine-tuning mix, and deterministic batching."""
+formatting with response-only loss, the harmful fine-tuning mix, and deterministic batching.
+
+(Over 300 lines: reading, formatting and batching share one record model, Conversation, and
+every job reads its data through this one path.)"""
 
 from __future__ import annotations
 
@@ -12,11 +15,10 @@ from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
-
-from safebasin.safety_core import synthetic
 from safebasin.safety_core.args import Section
+from safebasin.safety_core.nll import IGNORE_INDEX
+from safebasin.safety_core.train import synthetic
 
-IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Canonical field -> the column names tried, in order, when no mapping is configured.
 DEFAULT_FIELDS = {

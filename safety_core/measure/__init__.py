@@ -1,0 +1,5 @@
+"""Measurement: batched greedy generation (with prefilling), judges, evaluation (HRR, prefill
+ASR, task utility), loss correlation, loss and safety landscapes, plots.
+
+May import: train/ (data, models), the shared modules (args, distributed, precision, nll).
+"""

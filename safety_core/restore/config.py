@@ -1,0 +1,37 @@
+"""The `restore:` config section (DESIGN.md, "Restoration"; defaults from the paper)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from safebasin.safety_core.args import Section
+from safebasin.safety_core.train.data import DataSource
+
+
+class RestoreArgs(Section):
+    forget: DataSource = Field(description="D_forget: harmful prompts with harmful responses; "
+                               "the loss is the NLL of the response")
+    curvature_forget: DataSource | None = Field(
+        None, description="D_curv_forget for the curvature pairs; default (or the same source as "
+        "forget): split from `forget`, disjoint from D_forget")
+    retain: DataSource = Field(description="task data, split into disjoint D_retain1 and D_retain2")
+    forget_size: int = Field(50, ge=1, description="|D_forget|")
+    curvature_forget_size: int = Field(256, ge=1, description="|D_curv_forget|")
+    retain1_size: int = Field(256, ge=1, description="|D_retain1|")
+    retain2_size: int = Field(256, ge=1, description="|D_retain2|")
+    history: int = Field(10, ge=1, description="m: newest curvature pairs kept")
+    pair_threshold: float = Field(1e-6, description="a pair is kept iff the reduced <s, y> exceeds this")
+    probes: int = Field(30, ge=1, description="probe batches per pair collection, cycling "
+                        "D_curv_forget, D_retain1, D_retain2")
+    eta_c: float = Field(1e-2, gt=0, description="probe step: s = -eta_c * batch gradient")
+    iterations: int = Field(3, ge=1)
+    eps: float = Field(0.1, description="retain tolerance: accept iff L_retain <= L_retain(theta_ft) + eps")
+    mu: float = Field(0.0, ge=0, description="L2 pull back to theta_ft in the direction")
+    eta: float = Field(1.0, gt=0, description="step scale: p = eta * d before clipping")
+    delta: float = Field(1.0, gt=0, description="initial trust radius (L2 norm of the step)")
+    max_retries: int = Field(5, ge=0, description="retries after a rejected step, per iteration")
+    refresh_pairs: bool = Field(False, description="re-collect the pairs at the current parameters "
+                                "before every iteration after the first")
+    batch_size: int = Field(8, ge=1, description="examples per global batch (split over ranks)")
+    max_length: int = Field(512, ge=8)
+    system_prompt: str | None = None
+    seed: int = 0

@@ -1,0 +1,171 @@
+"""Curvature-aware safety restoration (DESIGN.md, "Restoration"), top to bottom.
+
+Starting from the fine-tuned parameters theta_ft, raise the loss on harmful responses with an
+influence step preconditioned by an L-BFGS inverse Hessian, inside a trust region that keeps
+the task (retain) loss within eps of its starting value:
+
+1. curvature pairs at theta_ft from probe steps on batches cycling over D_curv_forget,
+   D_retain1 and D_retain2 (the buffer filters them and keeps the newest m);
+2. d = H^-1 (grad L_forget - mu (theta - theta_ft));
+3. p = eta d clipped to the trust radius; accepted iff L_retain(theta + p) <= L_retain(theta_ft)
+   + eps; rho = actual / predicted change of L_retain moves the radius (policy.TrustRegion); a
+   rejected step is undone from a saved copy (bit-identical) and retried with a smaller radius;
+4. steps 2-3 repeat for the configured iterations, optionally re-collecting the pairs.
+
+Every vector here is this rank's shard of the flattened trainable parameters (spaces.py);
+every inner product is reduced over ranks, so all ranks take the same decisions and N ranks
+compute what one rank would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safebasin.safety_core.distributed import all_reduce_sum, init_distributed
+from safebasin.safety_core.restore.config import RestoreArgs
+from safebasin.safety_core.restore.lbfgs import CurvatureBuffer
+from safebasin.safety_core.restore.policy import TrustRegion
+from safebasin.safety_core.restore.sets import RestoreSets, batches, build_sets
+from safebasin.safety_core.restore.spaces import FlatSpace, build_space, loss_and_grad
+from safebasin.safety_core.train.ds_config import DeepSpeedArgs
+from safebasin.safety_core.train.modeling import (
+    MethodArgs,
+    ModelArgs,
+    export,
+    load_tokenizer,
+)
+
+
+@dataclass
+class RestoreResult:
+    out_dir: Path
+    final_dir: Path
+    rows: list[dict]
+    summary: dict
+    model: object = None  # the restored module (ZeRO-3: still partitioned), for in-process callers
+
+
+def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_args: DeepSpeedArgs,
+            out_dir: str | Path, *, log_fn: Callable[[dict, int], None] | None = None) -> RestoreResult:
+    """Restore safety and export: an adapter folder when model.adapter is set, else full weights.
+    `log_fn(row, iteration)` receives every iteration's metrics on rank 0."""
+    out_dir = Path(out_dir)
+    rank, world = init_distributed(ds_args.timeout_minutes)
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(model_args)
+    pad_id = tokenizer.pad_token_id
+    sets = build_sets(args, tokenizer)
+    space, stage, keep_alive = build_space(model_args, method, args, ds_args, world)
+    log = _IterationLog(out_dir, rank == 0, log_fn)
+    forget_b = batches(sets.forget, args.batch_size)
+    retain_b = batches(sets.retain1 + sets.retain2, args.batch_size)
+
+    # Set-up at theta_ft: both losses, their gradients, and the curvature pairs.
+    theta_ft = space.read().clone()
+    forget_loss, g_forget = loss_and_grad(space, forget_b, pad_id, grad=True)
+    retain_loss, g_retain = loss_and_grad(space, retain_b, pad_id, grad=True)
+    start = {"forget_loss": forget_loss, "retain_loss": retain_loss}
+    buffer = CurvatureBuffer(args.history, args.pair_threshold)
+    collect_pairs(buffer, space, sets, args, pad_id, round_=0)
+    region = TrustRegion(args.delta)
+
+    for it in range(1, args.iterations + 1):
+        t0 = time.perf_counter()
+        if it > 1 and args.refresh_pairs:
+            buffer.reset()
+            collect_pairs(buffer, space, sets, args, pad_id, round_=it - 1)
+        # Direction: ascent on the forget loss, pulled back towards theta_ft, preconditioned.
+        theta = space.read()
+        d = buffer.apply_inverse(g_forget - args.mu * (theta - theta_ft))
+        d_norm = math.sqrt(max(buffer.last_info.d_norm_sq, 0.0))
+        saved = space.snapshot()
+        accepted, tries = False, 0
+        while not accepted and tries <= args.max_retries:
+            tries += 1
+            # Step: eta d clipped to the radius.
+            step_norm, on_boundary = region.clip(args.eta * d_norm)
+            p = d * (step_norm / d_norm if d_norm > 0 else 0.0)
+            space.write(theta + p)
+            # Accept or undo: the retain loss must stay within eps of where it started.
+            new_retain, _ = loss_and_grad(space, retain_b, pad_id, grad=False)
+            predicted, actual = space.dot(g_retain, p), new_retain - retain_loss
+            rho = actual / predicted if predicted != 0 else float("nan")
+            accepted = new_retain <= start["retain_loss"] + args.eps
+            if not accepted:
+                space.restore(saved)
+            # Radius: from how well the retain loss was predicted.
+            region.update(step_norm, rho, accepted, on_boundary)
+        if accepted:
+            forget_loss, g_forget = loss_and_grad(space, forget_b, pad_id, grad=True)
+            retain_loss, g_retain = loss_and_grad(space, retain_b, pad_id, grad=True)
+        log.write(it, {"forget_loss": forget_loss, "retain_loss": retain_loss, "rho": rho,
+                       "radius": region.radius, "accepted": accepted, "tries": tries,
+                       "pairs_kept": len(buffer), "step_norm": step_norm if accepted else 0.0,
+                       "predicted_change": predicted, "actual_change": actual,
+                       "seconds": time.perf_counter() - t0},
+                  f"(start {start['retain_loss']:.4f} + eps {args.eps})")
+
+    final_dir = out_dir / ("adapter" if model_args.adapter is not None else "model")
+    export(space.model, tokenizer, final_dir, zero3=stage == 3, is_rank0=rank == 0)
+    summary = {"initial": start,
+               "restored": {"forget_loss": forget_loss, "retain_loss": retain_loss},
+               "accepted_steps": sum(r["accepted"] for r in log.rows), "iterations": args.iterations,
+               "sizes": sets.sizes(), "trainable_parameters": int(all_reduce_sum([space.numel])[0]),
+               "zero_stage": stage, "world_size": world,
+               "pairs": {"offered": buffer.stats.pushes, "accepted": buffer.stats.accepted,
+                         "kept": len(buffer)}}
+    del keep_alive
+    return RestoreResult(out_dir=out_dir, final_dir=final_dir, rows=log.rows, summary=summary,
+                         model=space.model)
+
+
+def collect_pairs(buffer: CurvatureBuffer, space: FlatSpace, sets: RestoreSets, args: RestoreArgs,
+                  pad_id: int, round_: int) -> int:
+    """Probe pairs at the current parameters, cycling D_curv_forget, D_retain1, D_retain2; each
+    round starts further along every set's batches. Returns the pairs the filter accepted."""
+    cycle = [batches(s, args.batch_size) for s in (sets.curvature_forget, sets.retain1, sets.retain2)]
+    per_set = math.ceil(args.probes / len(cycle))
+    theta, saved = space.read(), space.snapshot()
+    accepted = 0
+    for i in range(args.probes):
+        source = cycle[i % len(cycle)]
+        batch = source[(round_ * per_set + i // len(cycle)) % len(source)]
+        _, g0 = loss_and_grad(space, [batch], pad_id, grad=True)
+        space.write(theta - args.eta_c * g0)
+        # s is the displacement the parameters really took (after rounding to their dtype).
+        s = space.read() - theta
+        _, g1 = loss_and_grad(space, [batch], pad_id, grad=True)
+        space.restore(saved)
+        accepted += buffer.push(s, g1 - g0)
+    return accepted
+
+
+class _IterationLog:
+    """Per-iteration rows: kept in memory, appended to OUTPUT/metrics.jsonl, passed to log_fn
+    and printed, by rank 0."""
+
+    def __init__(self, out_dir: Path, is_rank0: bool, log_fn):
+        self.rows, self.is_rank0, self.log_fn = [], is_rank0, log_fn
+        self.path = out_dir / "metrics.jsonl"
+        if is_rank0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.path.unlink(missing_ok=True)
+
+    def write(self, iteration: int, row: dict, retain_note: str) -> None:
+        row = {"iteration": iteration, **row}
+        self.rows.append(row)
+        if not self.is_rank0:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.log_fn:
+            self.log_fn(row, iteration)
+        print(f"[safebasin restore] iteration {iteration}: forget {row['forget_loss']:.4f}, retain "
+              f"{row['retain_loss']:.4f} {retain_note}, {'accepted' if row['accepted'] else 'rejected'} "
+              f"after {row['tries']} tries, rho {row['rho']:.3f}, radius {row['radius']:.4g}", flush=True)

@@ -1,0 +1,64 @@
+"""The four disjoint data sets of restoration (D_forget, D_curv_forget, D_retain1, D_retain2),
+split deterministically by seed and encoded with response-only labels."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from safebasin.safety_core.restore.config import RestoreArgs
+from safebasin.safety_core.train import data as data_lib
+from safebasin.safety_core.train.data import DataError, DataSource
+
+
+@dataclass
+class RestoreSets:
+    forget: list[dict]
+    curvature_forget: list[dict]
+    retain1: list[dict]
+    retain2: list[dict]
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.__dict__.items()}
+
+
+def _split(convs: list, sizes: list[int], names: list[str], source: DataSource, seed: int) -> list[list]:
+    """Consecutive disjoint parts of one seeded shuffle of `convs`."""
+    if sum(sizes) > len(convs):
+        wanted = " + ".join(f"{n} {s}" for n, s in zip(names, sizes))
+        raise DataError(f"restore: {source.path} has {len(convs)} records but {wanted} are asked for; "
+                        f"lower the sizes (restore.*_size) or give a larger source")
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    parts, start = [], 0
+    for size in sizes:
+        parts.append([convs[i] for i in order[start:start + size]])
+        start += size
+    return parts
+
+
+def build_sets(args: RestoreArgs, tokenizer) -> RestoreSets:
+    forget_convs = data_lib.load_conversations(args.forget, args.system_prompt)
+    if args.curvature_forget is None or args.curvature_forget == args.forget:
+        forget, curv = _split(forget_convs, [args.forget_size, args.curvature_forget_size],
+                              ["forget_size", "curvature_forget_size"], args.forget, args.seed)
+    else:
+        forget, = _split(forget_convs, [args.forget_size], ["forget_size"], args.forget, args.seed)
+        curv, = _split(data_lib.load_conversations(args.curvature_forget, args.system_prompt),
+                       [args.curvature_forget_size], ["curvature_forget_size"], args.curvature_forget,
+                       args.seed)
+    retain1, retain2 = _split(data_lib.load_conversations(args.retain, args.system_prompt),
+                              [args.retain1_size, args.retain2_size], ["retain1_size", "retain2_size"],
+                              args.retain, args.seed + 1)
+    encoded = {name: data_lib.encode_all(tokenizer, convs, args.max_length)
+               for name, convs in (("forget", forget), ("curvature_forget", curv),
+                                   ("retain1", retain1), ("retain2", retain2))}
+    empty = [name for name, ex in encoded.items() if not ex]
+    if empty:
+        raise DataError(f"restore: no example of {empty} keeps a response token within "
+                        f"max_length={args.max_length}")
+    return RestoreSets(**encoded)
+
+
+def batches(examples: list[dict], size: int) -> list[list[dict]]:
+    return [examples[i:i + size] for i in range(0, len(examples), size)]
