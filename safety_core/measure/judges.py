@@ -9,7 +9,6 @@ silently lowering the harmful rate.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from safebasin.safety_core.args import Section
 from safebasin.safety_core.distributed import rank_device
 from safebasin.safety_core.measure.generation import left_pad, pad_id
 from safebasin.safety_core.precision import torch_dtype as torch_dtype_of
+from safebasin.safety_core.train.data import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -251,18 +251,11 @@ def summarize(verdicts: list[Verdict]) -> dict:
 def load_judge_records(path: str | Path) -> list[dict]:
     """Records of a JSONL file for `safebasin judge --input`: each needs prompt and response."""
     out = []
-    with Path(path).open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
-                    or not isinstance(rec.get("response"), str):
-                raise ValueError(f"{path}:{lineno}: each record needs string 'prompt' and 'response' fields")
-            out.append(rec)
+    for origin, rec in read_jsonl(Path(path)):
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
+                or not isinstance(rec.get("response"), str):
+            raise ValueError(f"{origin}: each record needs string 'prompt' and 'response' fields")
+        out.append(rec)
     return out
 
 

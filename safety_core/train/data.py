@@ -88,18 +88,24 @@ class Conversation:
 # Reading raw records
 
 
+def read_jsonl(path: Path, origin_name: str | None = None):
+    """(origin "file:line", record) per non-blank line; a bad line is a DataError naming it."""
+    origin_name = origin_name or str(path)
+    with Path(path).open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{origin_name}:{lineno}: not valid JSON ({e.msg})") from None
+            yield f"{origin_name}:{lineno}", rec
+
+
 def _read_local(path: Path, origin_name: str):
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{origin_name}:{lineno}: not valid JSON ({e.msg})") from None
-                yield f"{origin_name}:{lineno}", rec
+        yield from read_jsonl(path, origin_name)
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text())
