@@ -9,6 +9,7 @@ from pathlib import Path
 
 from safebasin.launcher.config import ConfigError, JobConfig, dump, load_config
 from safebasin.launcher.topology import LaunchError, add_launch_args, describe, resolve
+from safebasin.safety_core.progress import library_bars_off
 from safebasin.safety_core.train.checkpoints import CheckpointError, convert_if_needed
 from safebasin.safety_core.train.data import DataError
 
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    library_bars_off()
     try:
         code = args.func(args)
     except (ConfigError, DataError, LaunchError, CheckpointError) as e:

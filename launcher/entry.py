@@ -15,6 +15,7 @@ from safebasin.launcher.config import JobConfig, load_config
 from safebasin.launcher.launch import single_process_env
 from safebasin.launcher.measure import run_eval, run_landscape
 from safebasin.launcher.tracking import Tracker
+from safebasin.safety_core.progress import library_bars_off
 
 
 def global_rank() -> int:
@@ -33,7 +34,8 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
             factory = anchor_factory(cfg.anchor)
         result = train(cfg.model, cfg.method, cfg.data, cfg.train, cfg.deepspeed, out,
                        regularizer_factory=factory, log_fn=tracker.log_metrics, resume=resume,
-                       client_state={"mlflow_run_id": tracker.run_id})
+                       client_state={"mlflow_run_id": tracker.run_id},
+                       data_summary_fn=lambda s: _log_data_summary(tracker, s, out))
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -45,6 +47,12 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
             tracker.log_artifact(out / name)
     tracker.end()
     return summary
+
+
+def _log_data_summary(tracker: Tracker, summary: dict, out: Path) -> None:
+    from safebasin.safety_core.train.summary import SUMMARY_FILE, flat_metrics
+    tracker.log_metrics(flat_metrics(summary), step=0)
+    tracker.log_artifact(out / SUMMARY_FILE)
 
 
 def run_restore(cfg: JobConfig, resume: bool = False) -> dict:
@@ -92,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"exist here; --hostfile runs need output.dir on a filesystem shared by all hosts "
                          f"(else launch per node with --nnodes/--node-rank)")
     single_process_env()
+    library_bars_off()
     RANK_COMMANDS[args.command](load_config(args.config), args.resume)
     _leave_group()
 

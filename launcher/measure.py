@@ -27,12 +27,22 @@ def _init_ranks(cfg: JobConfig) -> tuple[int, torch.device]:
     return int(os.environ.get("RANK", "0")), device
 
 
+def evaluated_name(model_args) -> str:
+    """What an eval run measured, for its MLflow run name: the adapter folder (with its parent,
+    since exports are named adapter/ or model/) or else the model."""
+    target = model_args.adapter or model_args.path
+    if target.startswith("builtin:") or not Path(target).exists():
+        return f"eval {target}"
+    path = Path(target).resolve()
+    return f"eval {path.parent.name}/{path.name}" if path.name in ("adapter", "model") else f"eval {path.name}"
+
+
 def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
-    from safebasin.safety_core.measure.evaluation import evaluate, flat_metrics
+    from safebasin.safety_core.measure.evaluation import RECORDS_FILE, RESULTS_FILE, evaluate, flat_metrics
     from safebasin.safety_core.train.modeling import load_model, load_tokenizer
     cfg.require("eval")
     (rank, device), out = _init_ranks(cfg), Path(cfg.output.dir)
-    tracker = Tracker(cfg, out, active=rank == 0)
+    tracker = Tracker(cfg, out, active=rank == 0, default_run_name=evaluated_name(cfg.model))
     try:
         model = load_model(cfg.model).to(device).eval()
         result = evaluate(model, load_tokenizer(cfg.model), cfg.eval, out_dir=out)
@@ -42,9 +52,10 @@ def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
     summary = {k: v for k, v in result.items() if k != "records"}
     summary["mlflow_run_id"] = tracker.run_id
     if rank == 0:
-        (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+        # The one results file: evaluate() wrote it; it gains the MLflow run id here.
+        (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         tracker.log_metrics(flat_metrics(result))
-        for name in ("config.yaml", "results.json", "eval_results.json", "eval_records.jsonl"):
+        for name in ("config.yaml", RESULTS_FILE, RECORDS_FILE):
             tracker.log_artifact(out / name)
     tracker.end()
     return summary
@@ -83,14 +94,16 @@ def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg.require("eval")
     summary = run_job("eval", cfg, args)
+    results = Path(summary["files"]["results"]).resolve()
     if args.json:
-        shutil.copyfile(Path(cfg.output.dir) / "results.json", args.json)
+        shutil.copyfile(results, args.json)
     asr = ", ".join(f"K={k}: {v:.3f}" for k, v in summary.get("prefill_asr", {}).items() if v is not None)
     print(f"\nsafebasin eval: HRR {_fmt(summary.get('hrr'))} ({summary.get('judge')}, "
           f"{summary.get('n_harmful')} prompts, {summary.get('unparsed')} unparsed)"
           + (f"; prefill ASR {asr}" if asr else "")
           + f"; task loss {_fmt(summary.get('task_loss'))}, accuracy {_fmt(summary.get('task_accuracy'))}")
-    print(f"  results: {Path(cfg.output.dir).resolve() / 'results.json'}")
+    print(f"  results: {results}" + (f" (copied to {Path(args.json).resolve()})" if args.json else ""))
+    print(f"  per-example records: {Path(summary['files']['records']).resolve()}")
     return 0
 
 

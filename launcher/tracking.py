@@ -12,7 +12,9 @@ RUN_FILE = "mlflow_run.json"
 class Tracker:
     """Rank 0 gets a live MLflow run; other ranks get an inert tracker so callers never branch."""
 
-    def __init__(self, config, out_dir: str | Path, *, active: bool, parent_run_id: str | None = None):
+    def __init__(self, config, out_dir: str | Path, *, active: bool, parent_run_id: str | None = None,
+                 default_run_name: str | None = None):
+        """`default_run_name` names the run when tracking.run_name is not set."""
         self.active = active and config.tracking.enabled
         self.out_dir = Path(out_dir)
         self.run_id: str | None = None
@@ -29,7 +31,7 @@ class Tracker:
             mlflow.start_run(run_id=self.run_id)
             return
         from safebasin.launcher.config import flatten
-        run = mlflow.start_run(run_name=config.tracking.run_name, nested=parent_run_id is not None,
+        run = mlflow.start_run(run_name=config.tracking.run_name or default_run_name, nested=parent_run_id is not None,
                                parent_run_id=parent_run_id)
         self.run_id = run.info.run_id
         params = {k: ("" if v is None else str(v))[:6000]

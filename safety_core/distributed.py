@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from safebasin.safety_core.progress import track
 
 
 def collective_timeout(timeout_minutes: int):
@@ -164,7 +164,7 @@ def map_batches(fn: Callable[[Any], list], batches: Sequence, *, sync: bool = Fa
     mine = list(range(rank, len(batches), world))
     steps = math.ceil(len(batches) / world) if sync else len(mine)
     done: dict[int, list] = {}
-    for step in tqdm(range(steps), desc=desc, disable=not progress or rank != 0, leave=False):
+    for step in track(range(steps), desc or "batches", disable=not progress or rank != 0, leave=False):
         if step < len(mine):
             done[mine[step]] = list(fn(batches[mine[step]]))
         elif batches:

@@ -12,6 +12,7 @@ from safebasin.safety_core.train.data import (
     HarmfulMix,
     StepSampler,
 )
+from safebasin.safety_core.train.mixture import training_set
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +81,13 @@ def test_csv_and_real_datasets(shared_data):
 def test_harmful_mix_counts():
     args = DataArgs(train=DataSource(path="builtin:task"), num_examples=200, seed=3,
                     harmful_mix=HarmfulMix(source=DataSource(path="builtin:harmful"), fraction=0.1))
-    mixed = data.training_set(args)
+    mixed = training_set(args)
     kinds = Counter("harmful" if c.origin.startswith("builtin:harmful") else "task" for c in mixed)
     assert kinds == {"task": 180, "harmful": 20}
-    assert [c.origin for c in mixed] == [c.origin for c in data.training_set(args)]  # seeded
+    assert [c.origin for c in mixed] == [c.origin for c in training_set(args)]  # seeded
     too_many = args.model_copy(update={"num_examples": 2000})
     with pytest.raises(DataError, match="harmful mix needs"):
-        data.training_set(too_many)
+        training_set(too_many)
 
 
 def test_step_sampler_same_global_batch_across_world_sizes():

@@ -87,6 +87,25 @@ def test_classification_accuracy_on_written_cases():
     assert predict_label("very positive overall", ["positive", "very positive"]) == "very positive"
 
 
+@pytest.mark.parametrize("response, label", [
+    ("The sentiment is positive.", "positive"),            # anywhere in the first line
+    ("Sentiment: **Negative**", "negative"),
+    ("\n\n  positive\nbut some would say negative", "positive"),  # the first non-empty line
+    ("Let me think.\nThe answer is positive.", None),       # a label only on a later line
+    ("negative or positive? positive", "negative"),         # the first label in the line
+    ("", None),
+])
+def test_classification_parse_rule_reads_the_first_line(response, label):
+    assert predict_label(response, ["positive", "negative"]) == label
+
+
+def test_task_generation_budget_default_fits_a_sentence_answer():
+    task = DataSource(path="t.jsonl")
+    assert EvalArgs(task=task, task_kind="classification").generation_budget() == 32
+    assert EvalArgs(task=task, task_kind="exact_answer").generation_budget() == 256
+    assert EvalArgs(task=task, task_kind="classification", task_max_new_tokens=5).generation_budget() == 5
+
+
 def test_classification_accuracy_on_sst2_labels(shared_data):
     convs = load_prompts(DataSource(path=str(shared_data / "classification" / "sst2_validation_872.jsonl"), limit=10))
     golds = [c.record["label_text"] for c in convs]
@@ -174,7 +193,9 @@ def test_evaluate_metrics_records_and_files(tiny, tmp_path):
     convs = load_prompts(args.task)
     pairs = example_nll(model, tok, convs, max_length=args.max_length, progress=False)
     assert res["task_loss"] == pytest.approx(sum(s for s, _ in pairs) / sum(n for _, n in pairs))
-    saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert res["files"]["results"] == str(tmp_path / "out" / "results.json")
+    assert not (tmp_path / "out" / "eval_results.json").exists()  # one results file
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["hrr"] == res["hrr"] and saved["prefill_asr"] == {str(k): v for k, v in res["prefill_asr"].items()}
     assert len((tmp_path / "out" / "eval_records.jsonl").read_text().splitlines()) == len(res["records"])
     metrics = flat_metrics(res)
@@ -188,6 +209,31 @@ def test_eval_args_validation(tmp_path):
     with pytest.raises(ValidationError, match="prefill_k"):
         EvalArgs(harmful=DataSource(path="builtin:harmful"), prefill_k=[0])
     assert EvalArgs(harmful=DataSource(path="builtin:harmful"), prefill_k=[10, 5, 5]).prefill_k == [5, 10]
+
+
+def test_task_templates_task_loss_switch_and_rendered_prompts(tiny, tmp_path):
+    """eval.task_prompt_template takes record fields like data templates; task_loss: false skips
+    the forward passes; every record stores the prompt exactly as the model saw it."""
+    model, tok = tiny
+    sst = write_jsonl([{"sentence": " a fine film ", "label": 1, "label_text": "positive"},
+                       {"sentence": "dull", "label": 0, "label_text": "negative"}], tmp_path / "sst.jsonl")
+    args = EvalArgs(task=DataSource(path=str(sst)), task_kind="classification", labels=["negative", "positive"],
+                    task_prompt_template="Review: {sentence}\nPositive or negative?", task_max_new_tokens=2,
+                    system_prompt="Be brief.")
+    res = evaluate(model, tok, args)
+    task = [r for r in res["records"] if r["set"] == "task"]
+    assert task[0]["prompt"] == "Review: a fine film\nPositive or negative?"
+    assert task[0]["rendered_prompt"] == ("<|system|>\nBe brief.</s>\n<|user|>\nReview: a fine film\n"
+                                          "Positive or negative?</s>\n<|assistant|>\n")
+    assert res["task_loss"] is None  # prompt-only records: no loss either way
+    with_answers = args.model_copy(update={"task": DataSource(path=str(sst), fields={"response": "label_text"})})
+    assert evaluate(model, tok, with_answers)["task_loss"] > 0
+    assert evaluate(model, tok, with_answers.model_copy(update={"task_loss": False}))["task_loss"] is None
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="not both"):
+        EvalArgs(task=DataSource(path=str(sst), template="{sentence}"), task_prompt_template="{prompt}")
+    with pytest.raises(ValidationError, match="no placeholder"):
+        EvalArgs(task=DataSource(path=str(sst)), task_prompt_template="Classify this.")
 
 
 def test_loss_task_needs_responses(tiny, tmp_path):

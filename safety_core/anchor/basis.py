@@ -310,8 +310,8 @@ def extract_basis(aligned: str, base: str, out: str | Path, modules=DEFAULT_MODU
     out.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out)
     layers = {}
-    from tqdm.auto import tqdm
-    for name in tqdm(names, desc="align-basis", unit="layer", disable=not progress):
+    from safebasin.safety_core.progress import track
+    for name in track(names, "align-basis", unit="layer", disable=not progress):
         # One pair of tensors at a time; the difference is formed in float32 on `device`.
         v = a_ck.get(name).to(device, torch.float32) - b_ck.get(name).to(device, torch.float32)
         lb, spectrum, info = layer_basis(module_of(name), v, variant, rank, tol)

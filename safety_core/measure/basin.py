@@ -23,13 +23,13 @@ from safebasin.safety_core.measure.directions import (
 from safebasin.safety_core.measure.evaluation import judge_generations
 from safebasin.safety_core.measure.generation import generate
 from safebasin.safety_core.measure.judges import Judge, JudgeArgs, make_judge, summarize
+from safebasin.safety_core.progress import track
 from safebasin.safety_core.train.data import (
     Conversation,
     DataSource,
     load_conversations,
     load_prompts,
 )
-from tqdm.auto import tqdm
 
 
 class SafetyLandscapeArgs(Section):
@@ -123,7 +123,7 @@ def safety_landscape(model, tokenizer, directions: Mapping[str, Mapping[str, tor
     for name, d in dirs.items():
         curves[name], unparsed[name] = [], []
         with perturbed(model, sorted(d)) as set_point:
-            for a in tqdm(args.alphas, desc=f"safety landscape ({name})", disable=not is_main()):
+            for a in track(list(args.alphas), f"safety landscape ({name})", disable=not is_main()):
                 if a == 0.0 and center_value is not None:
                     value, bad = center_value, center_unparsed  # theta itself: the same for every direction
                 else:

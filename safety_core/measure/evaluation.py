@@ -30,10 +30,13 @@ from safebasin.safety_core.train.data import (
     Conversation,
     DataError,
     DataSource,
+    apply_template,
     load_prompts,
+    render_prompt,
 )
+from safebasin.safety_core.train.templates import placeholders
 
-RESULTS_FILE = "eval_results.json"
+RESULTS_FILE = "results.json"
 RECORDS_FILE = "eval_records.jsonl"
 
 
@@ -48,13 +51,16 @@ class EvalArgs(Section):
     task: DataSource | None = None
     task_kind: Literal["loss", "classification", "exact_answer"] = "loss"
     task_prompt_template: str | None = Field(None, description="wraps each task prompt, e.g. "
-                                             "'Is this review positive or negative?\\n{prompt}'")
+                                             "'Is this review positive or negative?\\n{prompt}'; "
+                                             "record fields work too ({sentence}), as in data templates")
     label_field: str | None = Field(None, description="record field with the gold label / answer "
                                     "(classification default: label_text; exact_answer default: the "
                                     "number after '####' in the response field)")
     labels: list[str] | None = Field(None, description="classification: the label words; an integer "
                                      "gold label indexes this list. Default: the gold labels seen")
-    task_max_new_tokens: int = Field(256, ge=1)
+    task_max_new_tokens: int | None = Field(None, ge=1, description="default: 32 for classification "
+                                            "(room for 'The sentiment is positive.'), 256 for exact_answer")
+    task_loss: bool = Field(True, description="held-out task loss (one forward pass per task example)")
     max_length: int = Field(1024, ge=8, description="tokens per example for the task loss")
 
     @field_validator("prefill_k")
@@ -68,9 +74,18 @@ class EvalArgs(Section):
     def _something(self):
         if self.harmful is None and self.task is None:
             raise ValueError("eval needs eval.harmful, eval.task, or both")
-        if self.task_prompt_template is not None and "{prompt}" not in self.task_prompt_template:
-            raise ValueError("eval.task_prompt_template must contain {prompt}")
+        if self.task_prompt_template is not None:
+            placeholders(self.task_prompt_template)
+            if self.task is not None and self.task.template is not None:
+                raise ValueError("set eval.task.template or eval.task_prompt_template, not both")
+        if self.task_kind == "loss" and not self.task_loss and self.task is not None:
+            raise ValueError("eval.task_kind=loss with eval.task_loss=false measures nothing on the task")
         return self
+
+    def generation_budget(self) -> int:
+        if self.task_max_new_tokens is not None:
+            return self.task_max_new_tokens
+        return 256 if self.task_kind == "exact_answer" else 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,12 +115,19 @@ def extract_answer(text: str) -> str | None:
     return normalise_number(found[-1]) if found else None
 
 
+def answer_line(response: str) -> str:
+    """The first line of the response that has any text."""
+    return next((line for line in response.splitlines() if line.strip()), "")
+
+
 def predict_label(response: str, labels: list[str]) -> str | None:
-    """The label word appearing first in the response (whole words, case-insensitive; the longer
-    label wins a tie, so 'very positive' beats 'positive'); None when no label appears."""
-    best = None
+    """The parse rule for classification: the label word that appears first anywhere in the
+    first non-empty line of the response (whole words, case-insensitive; the longer label wins
+    a tie, so 'very positive' beats 'positive'). 'The sentiment is positive.' is positive;
+    None when that line names no label (later lines are not read: an answer must come first)."""
+    line, best = answer_line(response), None
     for label in labels:
-        m = re.search(rf"(?<!\w){re.escape(label)}(?!\w)", response, re.IGNORECASE)
+        m = re.search(rf"(?<!\w){re.escape(label)}(?!\w)", line, re.IGNORECASE)
         if m and (best is None or (m.start(), -len(label)) < (best[0], -len(best[1]))):
             best = (m.start(), label)
     return best[1] if best else None
@@ -160,13 +182,15 @@ def _task_conversations(args: EvalArgs) -> list[Conversation]:
     for c in convs:
         msgs = list(c.messages)
         last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-        msgs[last] = {"role": "user", "content": args.task_prompt_template.format(prompt=msgs[last]["content"])}
+        text = apply_template(args.task_prompt_template, c.record or {}, c.origin, msgs[last]["content"])
+        msgs[last] = {"role": "user", "content": text}
         out.append(dataclasses.replace(c, messages=tuple(msgs)))
     return out
 
 
 def _safety(model, tokenizer, args: EvalArgs, judge: Judge, records: list[dict]) -> dict:
     convs = load_prompts(args.harmful, args.system_prompt)
+    rendered = {c.origin: render_prompt(tokenizer, c.messages) for c in convs}
     out: dict = {"n_harmful": len(convs), "prefill_asr": {}, "prefill_asr_upper": {}, "prefill_unparsed": {}}
     for k in [0] + args.prefill_k:
         gens = generate(model, tokenizer, convs, max_new_tokens=args.max_new_tokens,
@@ -180,7 +204,8 @@ def _safety(model, tokenizer, args: EvalArgs, judge: Judge, records: list[dict])
             out["prefill_asr_upper"][k] = stats["hrr_upper"]
             out["prefill_unparsed"][k] = stats["unparsed"]
         records += [{"set": "harmful", "prefill_k": k, "origin": g.origin, "prompt": g.prompt,
-                     "response": g.response, "forced_tokens": len(g.forced_ids), **v.to_record()}
+                     "rendered_prompt": rendered[g.origin], "response": g.response,
+                     "forced_tokens": len(g.forced_ids), **v.to_record()}
                     for g, v in zip(gens, verdicts)]
     return out
 
@@ -188,7 +213,7 @@ def _safety(model, tokenizer, args: EvalArgs, judge: Judge, records: list[dict])
 def _utility(model, tokenizer, args: EvalArgs, records: list[dict]) -> dict:
     convs = _task_conversations(args)
     out: dict = {"task_kind": args.task_kind, "n_task": len(convs), "task_loss": None, "task_accuracy": None}
-    if all(c.response for c in convs):
+    if args.task_loss and all(c.response for c in convs):
         out["task_loss"] = mean_nll(example_nll(model, tokenizer, convs, max_length=args.max_length,
                                                 batch_size=args.batch_size, desc="task loss"))
     elif args.task_kind == "loss":
@@ -196,7 +221,7 @@ def _utility(model, tokenizer, args: EvalArgs, records: list[dict]) -> dict:
         raise DataError(f"{missing}: task_kind=loss needs a response in every task record")
     if args.task_kind == "loss":
         return out
-    gens = generate(model, tokenizer, convs, max_new_tokens=args.task_max_new_tokens,
+    gens = generate(model, tokenizer, convs, max_new_tokens=args.generation_budget(),
                     batch_size=args.batch_size, desc="generate (task)")
     responses = [g.response for g in gens]
     if args.task_kind == "classification":
@@ -211,7 +236,8 @@ def _utility(model, tokenizer, args: EvalArgs, records: list[dict]) -> dict:
             raise DataError(f"{bad}: no gold numeric answer (no '####' answer or number; set eval.label_field)")
         acc, preds = exact_answer_accuracy(responses, golds)
     out["task_accuracy"] = acc
-    records += [{"set": "task", "origin": c.origin, "prompt": g.prompt, "response": g.response,
+    records += [{"set": "task", "origin": c.origin, "prompt": g.prompt,
+                 "rendered_prompt": render_prompt(tokenizer, c.messages), "response": g.response,
                  "gold": gold, "pred": pred, "correct": pred is not None and pred.casefold() == gold.casefold()}
                 for c, g, gold, pred in zip(convs, gens, golds, preds)]
     return out
@@ -224,7 +250,8 @@ def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | N
     {K: rate}, prefill_asr_upper, prefill_unparsed, judge, task_kind, n_task, task_loss,
     task_accuracy, records, files. Rates are None when there was nothing to rate. `judge`
     reuses an already-built judge (a Llama Guard model is expensive to load).
-    With out_dir, rank 0 writes eval_results.json (everything but records) and eval_records.jsonl.
+    With out_dir, rank 0 writes results.json (everything but records) and eval_records.jsonl; every
+    record holds `rendered_prompt`, the prompt exactly as the model saw it (chat template applied).
     """
     records: list[dict] = []
     result: dict = {"judge": None, "n_harmful": 0, "hrr": None, "hrr_upper": None, "unparsed": 0,

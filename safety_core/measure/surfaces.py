@@ -23,12 +23,12 @@ from safebasin.safety_core.measure.directions import (
     random_direction,
     select_parameters,
 )
+from safebasin.safety_core.progress import track
 from safebasin.safety_core.train.data import (
     Conversation,
     DataSource,
     load_conversations,
 )
-from tqdm.auto import tqdm
 
 
 class LandscapeArgs(Section):
@@ -52,7 +52,7 @@ def loss_surface(model, tokenizer, conversations: list[Conversation], d1: Direct
     z = np.empty((len(alphas), len(betas)))
     points = [(i, j) for i in range(len(alphas)) for j in range(len(betas))]
     with perturbed(model, sorted(set(d1) | set(d2))) as set_point:
-        for i, j in tqdm(points, desc="loss landscape", disable=not progress or not is_main()):
+        for i, j in track(points, "loss landscape", disable=not progress or not is_main()):
             set_point([(float(alphas[i]), d1), (float(betas[j]), d2)])
             z[i, j] = mean_nll(example_nll(model, tokenizer, conversations, max_length=max_length,
                                            batch_size=batch_size, progress=False))

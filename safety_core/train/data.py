@@ -7,18 +7,19 @@ every job reads its data through this one path.)"""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 from pydantic import Field, field_validator
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.nll import IGNORE_INDEX
-from safebasin.safety_core.train import synthetic
+from safebasin.safety_core.train import synthetic, templates
 
+FilterValue = Union[bool, int, float, str, None]
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Canonical field -> the column names tried, in order, when no mapping is configured.
 DEFAULT_FIELDS = {
@@ -43,7 +44,12 @@ class DataSource(Section):
     format: Literal["auto", "instruction", "prompt_response", "messages"] = "auto"
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="canonical field -> column, e.g. {prompt: goal}")
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="records kept (after the filter), in file order")
+    filter: dict[str, FilterValue | list[FilterValue]] = Field(
+        default_factory=dict, description="keep records whose field equals the value (or one of a "
+        "list of values), e.g. {is_safe: false}; applied before limit and sampling")
+    template: str | None = Field(None, description="the user message, from record fields: "
+                                 "'Classify the sentiment: {sentence}'; {prompt} is the format's prompt")
 
     @field_validator("fields")
     @classmethod
@@ -51,6 +57,37 @@ class DataSource(Section):
         unknown = sorted(set(v) - set(DEFAULT_FIELDS))
         if unknown:
             raise ValueError(f"unknown field name(s) {unknown}; allowed: {sorted(DEFAULT_FIELDS)}")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _template_parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            templates.placeholders(v)
+        return v
+
+    @field_validator("filter")
+    @classmethod
+    def _filter_not_empty_list(cls, v: dict) -> dict:
+        empty = sorted(k for k, allowed in v.items() if isinstance(allowed, list) and not allowed)
+        if empty:
+            raise ValueError(f"filter field(s) {empty} allow no value (an empty list)")
+        return v
+
+
+class MixtureSource(DataSource):
+    """One source of a `data.train` list. Give it `count` (exactly that many examples) or
+    `weight` (its share of what the counted sources leave); with neither on any source the
+    sources are pooled (each weighted by its size)."""
+    name: str | None = Field(None, description="label in the data summary and MLflow; default the file stem")
+    weight: float | None = Field(None, gt=0)
+    count: int | None = Field(None, ge=1)
+
+    @field_validator("count")
+    @classmethod
+    def _one_of(cls, v, info):
+        if v is not None and info.data.get("weight") is not None:
+            raise ValueError("give a mixture source either weight or count, not both")
         return v
 
 
@@ -61,7 +98,8 @@ class HarmfulMix(Section):
 
 
 class DataArgs(Section):
-    train: DataSource
+    train: DataSource | list[MixtureSource] = Field(description="one source, or a list of sources "
+                                                     "with weight or count (a mixture)")
     eval: DataSource | None = None
     harmful_mix: HarmfulMix | None = None
     num_examples: int | None = Field(None, ge=1, description="n: size of the fine-tuning set "
@@ -78,6 +116,8 @@ class Conversation:
     response: str
     origin: str  # "file:line" for error messages and audit
     record: dict | None = None
+    source: str = ""       # the label of the source it came from (data summary)
+    harmful: bool = False  # drawn from data.harmful_mix
 
     @property
     def prompt_text(self) -> str:
@@ -130,26 +170,60 @@ def _read_local(path: Path, origin_name: str):
         raise DataError(f"{origin_name}: unsupported file type {suffix!r}; use one of {LOCAL_SUFFIXES}")
 
 
-def read_records(source: DataSource) -> list[tuple[str, dict]]:
-    """(origin, record) pairs of a source, in file order, truncated to `limit`."""
+def _raw_rows(source: DataSource):
     if source.path.startswith("builtin:"):
         recs = synthetic.builtin_records(source.path.removeprefix("builtin:"))
-        rows = [(f"{source.path}[{i}]", r) for i, r in enumerate(recs)]
+        yield from ((f"{source.path}[{i}]", r) for i, r in enumerate(recs))
     elif Path(source.path).suffix.lower() in LOCAL_SUFFIXES or Path(source.path).exists():
         path = Path(source.path)
         if not path.exists():
             raise DataError(f"{source.path}: no such file")
-        rows = []
-        for origin, rec in _read_local(path, source.path):
-            rows.append((origin, rec))
-            if source.limit and len(rows) >= source.limit:
-                break
+        yield from _read_local(path, source.path)
     else:
         import datasets
         ds = datasets.load_dataset(source.path, source.subset, split=source.split)
-        n = len(ds) if source.limit is None else min(len(ds), source.limit)
-        rows = [(f"{source.path}[{source.split}][{i}]", ds[i]) for i in range(n)]
-    return rows[: source.limit] if source.limit else rows
+        yield from ((f"{source.path}[{source.split}][{i}]", ds[i]) for i in range(len(ds)))
+
+
+def _filter_matches(rec: dict, wanted: dict, origin: str) -> bool:
+    if not isinstance(rec, dict):
+        raise DataError(f"{origin}: expected an object, got {type(rec).__name__}")
+    for field, allowed in wanted.items():
+        if field not in rec:
+            raise DataError(f"{origin}: filter field {field!r} is not in the record (it has {sorted(rec)})")
+        value = rec[field]
+        if not any(_equal(value, a) for a in (allowed if isinstance(allowed, list) else [allowed])):
+            return False
+    return True
+
+
+def _equal(value, wanted) -> bool:
+    """Equality, where a CSV cell (always text) matches the YAML scalar it spells: 'False' is false."""
+    if isinstance(value, str) and not isinstance(wanted, str):
+        spelled = "null" if wanted is None else json.dumps(wanted)
+        return value.strip().casefold() == spelled.casefold() or value.strip() == str(wanted)
+    if isinstance(value, bool) or isinstance(wanted, bool):
+        return value is wanted  # true is not 1
+    return value == wanted
+
+
+def read_source(source: DataSource) -> tuple[list[tuple[str, dict]], int]:
+    """(origin, record) pairs of a source in file order, filtered, truncated to `limit`; and
+    how many records the filter dropped (among those read before the limit was reached)."""
+    rows, dropped = [], 0
+    for origin, rec in _raw_rows(source):
+        if source.filter and not _filter_matches(rec, source.filter, origin):
+            dropped += 1
+            continue
+        rows.append((origin, rec))
+        if source.limit and len(rows) >= source.limit:
+            break
+    return rows, dropped
+
+
+def read_records(source: DataSource) -> list[tuple[str, dict]]:
+    """(origin, record) pairs of a source, in file order, filtered and truncated to `limit`."""
+    return read_source(source)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,13 +255,17 @@ def _text(rec: dict, col: str | None, origin: str, what: str, required: bool = T
     return value
 
 
-def to_conversation(origin: str, rec: dict, source: DataSource, system_prompt: str | None = None) -> Conversation:
+def to_conversation(origin: str, rec: dict, source: DataSource, system_prompt: str | None = None,
+                    response_required: bool = True) -> Conversation:
     if not isinstance(rec, dict):
         raise DataError(f"{origin}: expected an object, got {type(rec).__name__}")
     fmt = _detect_format(rec, source)
     system = _text(rec, _column(rec, source, "system"), origin, "system", required=False) or system_prompt
     head = [{"role": "system", "content": system}] if system else []
     if fmt == "messages":
+        if source.template:
+            raise DataError(f"{origin}: a template builds the user message from fields; it does not "
+                            f"apply to chat 'messages' records")
         msgs = rec.get(_column(rec, source, "messages") or "messages")
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{origin}: 'messages' must be a non-empty list")
@@ -203,7 +281,9 @@ def to_conversation(origin: str, rec: dict, source: DataSource, system_prompt: s
         if clean[0]["role"] != "system":
             clean = head + clean
         return Conversation(tuple(clean[:-1]), clean[-1]["content"], origin, rec)
-    if fmt == "instruction":
+    if source.template and "prompt" not in templates.placeholders(source.template):
+        user = None  # the template names the record's fields itself
+    elif fmt == "instruction":
         instruction = _text(rec, _column(rec, source, "instruction"), origin, "instruction")
         context = _text(rec, _column(rec, source, "context"), origin, "context", required=False)
         user = f"{instruction}\n\n{context}" if context else instruction
@@ -212,8 +292,17 @@ def to_conversation(origin: str, rec: dict, source: DataSource, system_prompt: s
     else:
         raise DataError(f"{origin}: cannot tell the record's format from its keys {sorted(rec)}; "
                         f"set format (instruction | prompt_response | messages) and fields")
-    response = _text(rec, _column(rec, source, "response"), origin, "response")
+    if source.template:
+        user = apply_template(source.template, rec, origin, user)
+    response = _text(rec, _column(rec, source, "response"), origin, "response", required=response_required)
     return Conversation(tuple(head + [{"role": "user", "content": user}]), response, origin, rec)
+
+
+def apply_template(template: str, rec: dict, origin: str, prompt: str | None) -> str:
+    try:
+        return templates.render(template, rec, origin, prompt)
+    except templates.TemplateError as e:
+        raise DataError(str(e)) from None
 
 
 def load_conversations(source: DataSource, system_prompt: str | None = None) -> list[Conversation]:
@@ -221,45 +310,14 @@ def load_conversations(source: DataSource, system_prompt: str | None = None) -> 
 
 
 def load_prompts(source: DataSource, system_prompt: str | None = None) -> list[Conversation]:
-    """Prompt sets for evaluation: like conversations, but the response (target) is optional."""
+    """Prompt sets for evaluation: like conversations, but the response (target) is optional
+    unless the records are chat messages (whose last message is the response)."""
     out = []
     for origin, rec in read_records(source):
-        fmt = _detect_format(rec, source)
-        if fmt == "prompt_response" and _column(rec, source, "response") is None:
-            user = _text(rec, _column(rec, source, "prompt"), origin, "prompt")
-            head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-            out.append(Conversation(tuple(head + [{"role": "user", "content": user}]), "", origin, rec))
-        else:
-            out.append(to_conversation(origin, rec, source, system_prompt))
+        no_response = _detect_format(rec, source) != "messages" and _column(rec, source, "response") is None
+        conv = to_conversation(origin, rec, source, system_prompt, response_required=not no_response)
+        out.append(dataclasses.replace(conv, response=conv.response or ""))
     return out
-
-
-def harmful_mix(task: list[Conversation], harmful: list[Conversation], n: int, fraction: float,
-                seed: int) -> list[Conversation]:
-    """n examples of which round(fraction * n) come from `harmful`, shuffled by seed."""
-    n_harm = round(fraction * n)
-    n_task = n - n_harm
-    if n_task > len(task) or n_harm > len(harmful):
-        raise DataError(f"harmful mix needs {n_task} task and {n_harm} harmful examples; "
-                        f"the sources have {len(task)} and {len(harmful)}")
-    rng = random.Random(seed)
-    mixed = rng.sample(task, n_task) + rng.sample(harmful, n_harm)
-    rng.shuffle(mixed)
-    return mixed
-
-
-def training_set(args: DataArgs) -> list[Conversation]:
-    task = load_conversations(args.train, args.system_prompt)
-    if args.harmful_mix is None:
-        if args.num_examples is None:
-            return task
-        if args.num_examples > len(task):
-            raise DataError(f"data.num_examples={args.num_examples} but {args.train.path} has "
-                            f"{len(task)} records")
-        return random.Random(args.seed).sample(task, args.num_examples)
-    harmful = load_conversations(args.harmful_mix.source, args.system_prompt)
-    n = args.num_examples or len(task)
-    return harmful_mix(task, harmful, n, args.harmful_mix.fraction, args.seed)
 
 
 # ---------------------------------------------------------------------------------------------

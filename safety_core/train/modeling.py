@@ -3,6 +3,8 @@ parameters), and exporting the result as a PEFT adapter folder or save_pretraine
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -54,8 +56,20 @@ def load_model(args: ModelArgs, *, for_training: bool = False):
         trust_remote_code=args.trust_remote_code)
     if args.adapter:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=for_training)
+        with _peft_reads_deprecated_property():
+            model = PeftModel.from_pretrained(model, args.adapter, is_trainable=for_training)
     return model
+
+
+@contextlib.contextmanager
+def _peft_reads_deprecated_property():
+    """peft (0.21) reads `model.is_gradient_checkpointing` while wrapping a model, which
+    transformers 5 deprecates with a FutureWarning on every LoRA job. The read is in peft, not
+    here, so only that one message is silenced, and only around peft's wrapping."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def make_trainable(model, method: MethodArgs):
@@ -66,7 +80,8 @@ def make_trainable(model, method: MethodArgs):
             return model  # an adapter given in model.adapter is trained further
         config = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
                             target_modules=method.target_modules, task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
+        with _peft_reads_deprecated_property():
+            return get_peft_model(model, config)
     for name, p in model.named_parameters():
         p.requires_grad_(method.trainable is None or any(s in name for s in method.trainable))
     if not any(p.requires_grad for p in model.parameters()):

@@ -24,10 +24,12 @@ from pydantic import Field, model_validator
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.distributed import chunks, init_distributed
 from safebasin.safety_core.nll import sharded_mean_nll
+from safebasin.safety_core.progress import Progress
 from safebasin.safety_core.train import checkpoints
 from safebasin.safety_core.train import data as data_lib
 from safebasin.safety_core.train.data import DataArgs, StepSampler
 from safebasin.safety_core.train.ds_config import DeepSpeedArgs, fill_auto, zero_stage
+from safebasin.safety_core.train.mixture import training_set_with_report
 from safebasin.safety_core.train.modeling import (
     MethodArgs,
     ModelArgs,
@@ -36,6 +38,7 @@ from safebasin.safety_core.train.modeling import (
     load_tokenizer,
     make_trainable,
 )
+from safebasin.safety_core.train.summary import report_data
 
 
 class TrainArgs(Section):
@@ -54,6 +57,8 @@ class TrainArgs(Section):
     save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0: none")
     keep_checkpoints: int = Field(2, ge=1)
     eval_batch_size: int = Field(8, ge=1)
+    log_every: int = Field(0, ge=0, description="steps between plain progress lines when output is not "
+                           "a terminal; 0: every tenth of the job")
 
     @model_validator(mode="after")
     def _length(self):
@@ -103,9 +108,11 @@ def _mean_across_ranks(values: list[float]) -> list[float]:
 def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_args: TrainArgs,
           ds_args: DeepSpeedArgs, out_dir: str | Path, *, regularizers: list[Regularizer] = (),
           regularizer_factory: Callable | None = None, log_fn: Callable[[dict, int], None] | None = None,
-          resume: bool = False, client_state: dict | None = None) -> TrainResult:
+          resume: bool = False, client_state: dict | None = None,
+          data_summary_fn: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune and export. `regularizer_factory(model, engine_config)` builds regularizers once
-    the trainable model exists. `log_fn(metrics, step)` receives every step's metrics on rank 0;
+    the trainable model exists. `log_fn(metrics, step)` receives every step's metrics on rank 0,
+    `data_summary_fn(summary)` the data summary (train/summary.py) before the first step;
     `client_state` is stored in checkpoints (e.g. the MLflow run id)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -117,7 +124,12 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     torch.manual_seed(train_args.seed)
 
     tokenizer = load_tokenizer(model_args)
-    train_set = data_lib.encode_all(tokenizer, data_lib.training_set(data_args), data_args.max_length)
+    conversations, mix_report = training_set_with_report(data_args)
+    train_set = data_lib.encode_all(tokenizer, conversations, data_args.max_length)
+    if is_rank0:
+        summary = report_data(tokenizer, conversations, mix_report, data_args.max_length, out_dir)
+        if data_summary_fn is not None:
+            data_summary_fn(summary)
     eval_set = (data_lib.encode_all(tokenizer, data_lib.load_conversations(data_args.eval, data_args.system_prompt),
                                     data_args.max_length) if data_args.eval else [])
     sampler = StepSampler(len(train_set), train_args.micro_batch_size,
@@ -181,8 +193,8 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     # SAFEBASIN_FAIL_MODE=hang, stops answering) after the given step.
     fail_after = int(os.environ.get("SAFEBASIN_FAIL_AFTER_STEP", "0"))
     fail_rank = int(os.environ.get("SAFEBASIN_FAIL_RANK", "0"))
-    from tqdm.auto import tqdm
-    progress = tqdm(total=total_steps, initial=start_step, disable=not is_rank0, desc="train", unit="step")
+    progress = Progress(total_steps, "train", initial=start_step, disable=not is_rank0, unit="step",
+                        every=train_args.log_every or max(1, total_steps // 10))
     last = {}
     for step in range(start_step, total_steps):
         engine.train()
