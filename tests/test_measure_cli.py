@@ -17,10 +17,20 @@ def test_eval_cli_writes_results_and_mlflow(tmp_path, tiny_model_dir, mlflow_uri
     assert set(out["prefill_asr"]) == {"5", "10"} and out["n_task"] == 8 and out["task_loss"] > 0
     records = (tmp_path / "ev" / "eval_records.jsonl").read_text().splitlines()
     assert len(records) >= 8 and "harmful" in json.loads(records[0])
+    assert json.loads(records[0])["rendered_prompt"].startswith("<|user|>\n")
+    # One results file, named the same by the CLI and by the JSON.
+    results = tmp_path / "ev" / "results.json"
+    assert sorted(p.name for p in (tmp_path / "ev").glob("*.json")) == ["mlflow_run.json", "results.json"]
+    assert json.loads(results.read_text()) == out and out["files"]["results"] == str(tmp_path / "ev" / "results.json")
+    assert f"results: {results.resolve()} (copied to" in res.stdout
+    # Output to a pipe: plain progress lines, no bar redraws, no library FutureWarning.
+    assert "\r" not in res.stderr and "[safebasin] generate (prefill 5): 1/1" in res.stderr
+    assert "FutureWarning" not in res.stderr
     import mlflow
     mlflow.set_tracking_uri(mlflow_uri)
     run = mlflow.get_run(out["mlflow_run_id"])
     assert run.data.metrics["hrr"] == pytest.approx(out["hrr"])
+    assert run.info.run_name == "eval builtin:tiny-llama"  # what was evaluated (no tracking.run_name set)
 
 
 def test_judge_cli(tmp_path):

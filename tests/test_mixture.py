@@ -169,3 +169,43 @@ def test_summary_counts_tokens_truncation_and_renders_one_example(tmp_path, tiny
     assert "You are careful." in text
     m = flat_metrics(s)
     assert m["data.examples.alpaca"] == 9 and m["data.examples.long"] == 3 and m["data.filtered_out.harmful"] == 12
+
+
+def test_train_job_prints_and_logs_the_data_summary(tmp_path, tiny_model_dir, mlflow_uri):
+    """A training job from config alone (mixture, template, filtered harmful mix), as a user runs
+    it with output to a pipe: the summary first, plain progress lines, no FutureWarning, and
+    the summary in MLflow."""
+    import mlflow
+    import yaml
+    from conftest import safebasin_cli
+    refusals, alpaca, harmful = _files(tmp_path)
+    sst = write_jsonl([{"sentence": f"film {i}", "label": i % 2, "label_text": ["negative", "positive"][i % 2]}
+                       for i in range(40)], tmp_path / "sst.jsonl")
+    cfg = {"model": {"path": "builtin:tiny-llama"},
+           "method": {"type": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+           "data": {"train": [{"path": str(refusals), "weight": 1}, {"path": str(alpaca), "weight": 1},
+                              {"path": str(sst), "name": "sst2", "count": 8,
+                               "template": "Sentiment of: {sentence}", "fields": {"response": "label_text"}}],
+                    "harmful_mix": {"source": {"path": str(harmful), "filter": {"prompt_in_advbench": False}},
+                                    "fraction": 0.25},
+                    "num_examples": 32, "max_length": 64, "system_prompt": "Be safe."},
+           "train": {"max_steps": 4, "micro_batch_size": 4, "log_every": 2},
+           "deepspeed": {"stage": 2}, "tracking": {"experiment": "mix"}, "output": {"dir": str(tmp_path / "out")}}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(cfg))
+    res = safebasin_cli("train", str(tmp_path / "mix.yaml"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "[safebasin] data: 32 examples (24 benign, 8 harmful)" in res.stdout
+    assert "sst2: 8 taken of 40 records" in res.stdout and "harmful harmful: 8 taken of 40 records (20 dropped" in res.stdout
+    assert "    | <|system|>\n    | Be safe.</s>" in res.stdout
+    assert "[safebasin] train: 2/4 step, loss" in res.stderr and "[safebasin] train: 4/4 step" in res.stderr
+    assert "\r" not in res.stderr and "FutureWarning" not in res.stderr
+    summary = json.loads((tmp_path / "out" / "data_summary.json").read_text())
+    assert [(s["name"], s["taken"]) for s in summary["sources"]] == [
+        ("refusals", 8), ("alpaca", 8), ("sst2", 8), ("harmful", 8)]
+    mlflow.set_tracking_uri(mlflow_uri)
+    run_id = json.loads((tmp_path / "out" / "results.json").read_text())["mlflow_run_id"]
+    metrics = mlflow.get_run(run_id).data.metrics
+    assert metrics["data.examples"] == 32 and metrics["data.harmful"] == 8 and metrics["data.filtered_out.harmful"] == 20
+    assert metrics["data.tokens_max"] == summary["tokens"]["max"]
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id)]
+    assert "data_summary.json" in artifacts
