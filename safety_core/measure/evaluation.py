@@ -34,6 +34,7 @@ from safebasin.safety_core.train.data import (
     load_prompts,
     render_prompt,
 )
+from safebasin.safety_core.train.summary import announce_prompts
 from safebasin.safety_core.train.templates import placeholders
 
 RESULTS_FILE = "results.json"
@@ -190,6 +191,8 @@ def _task_conversations(args: EvalArgs) -> list[Conversation]:
 
 def _safety(model, tokenizer, args: EvalArgs, judge: Judge, records: list[dict]) -> dict:
     convs = load_prompts(args.harmful, args.system_prompt)
+    if is_main():
+        announce_prompts(tokenizer, "harmful", args.harmful, convs)
     rendered = {c.origin: render_prompt(tokenizer, c.messages) for c in convs}
     out: dict = {"n_harmful": len(convs), "prefill_asr": {}, "prefill_asr_upper": {}, "prefill_unparsed": {}}
     for k in [0] + args.prefill_k:
@@ -212,6 +215,8 @@ def _safety(model, tokenizer, args: EvalArgs, judge: Judge, records: list[dict])
 
 def _utility(model, tokenizer, args: EvalArgs, records: list[dict]) -> dict:
     convs = _task_conversations(args)
+    if is_main():
+        announce_prompts(tokenizer, f"task ({args.task_kind})", args.task, convs)
     out: dict = {"task_kind": args.task_kind, "n_task": len(convs), "task_loss": None, "task_accuracy": None}
     if args.task_loss and all(c.response for c in convs):
         out["task_loss"] = mean_nll(example_nll(model, tokenizer, convs, max_length=args.max_length,

@@ -100,3 +100,12 @@ def report_data(tokenizer, convs: list[Conversation], report: MixReport, max_len
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def announce_prompts(tokenizer, what: str, source, convs: list[Conversation]) -> None:
+    """The evaluation side of the data summary: how many prompts a set has and the first one
+    exactly as the model sees it (printed by rank 0 before generating)."""
+    print(f"[safebasin] eval data: {what}: {len(convs)} prompts <- {source.path}", flush=True)
+    if convs:
+        print(f"  one prompt ({convs[0].origin}), exactly as the model sees it:\n"
+              + _indent(data_lib.render_prompt(tokenizer, convs[0].messages)), flush=True)
