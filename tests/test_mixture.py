@@ -10,7 +10,11 @@ from pydantic import ValidationError
 from safebasin.safety_core.train import data
 from safebasin.safety_core.train.data import DataArgs, DataError, DataSource
 from safebasin.safety_core.train.mixture import apportion, training_set_with_report
-from safebasin.safety_core.train.summary import data_summary, flat_metrics, format_summary
+from safebasin.safety_core.train.summary import (
+    data_summary,
+    flat_metrics,
+    format_summary,
+)
 from safebasin.safety_core.train.synthetic import write_jsonl
 
 
@@ -145,7 +149,7 @@ def test_training_template_renders_fields_and_names_bad_records(tmp_path):
 def test_summary_counts_tokens_truncation_and_renders_one_example(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    refusals, alpaca, harmful = _files(tmp_path)
+    _, alpaca, harmful = _files(tmp_path)
     long = write_jsonl([{"prompt": "Tell me everything.", "response": "word " * 80}] * 3, tmp_path / "long.jsonl")
     args = _args(train=[{"path": str(alpaca), "count": 9}, {"path": str(long), "count": 3}],
                  harmful_mix={"source": {"path": str(harmful), "filter": {"is_safe": False}}, "fraction": 0.25},

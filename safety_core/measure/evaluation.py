@@ -30,12 +30,11 @@ from safebasin.safety_core.train.data import (
     Conversation,
     DataError,
     DataSource,
-    apply_template,
     load_prompts,
     render_prompt,
 )
 from safebasin.safety_core.train.summary import announce_prompts
-from safebasin.safety_core.train.templates import placeholders
+from safebasin.safety_core.train.templates import placeholders, render
 
 RESULTS_FILE = "results.json"
 RECORDS_FILE = "eval_records.jsonl"
@@ -183,7 +182,7 @@ def _task_conversations(args: EvalArgs) -> list[Conversation]:
     for c in convs:
         msgs = list(c.messages)
         last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-        text = apply_template(args.task_prompt_template, c.record or {}, c.origin, msgs[last]["content"])
+        text = render(args.task_prompt_template, c.record or {}, c.origin, msgs[last]["content"])
         msgs[last] = {"role": "user", "content": text}
         out.append(dataclasses.replace(c, messages=tuple(msgs)))
     return out

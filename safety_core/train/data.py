@@ -11,15 +11,18 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.nll import IGNORE_INDEX
-from safebasin.safety_core.train import synthetic, templates
+from safebasin.safety_core.train import filters, synthetic, templates
+from safebasin.safety_core.train.errors import (
+    DataError,  # also imported from here as data.DataError
+)
 
-FilterValue = Union[bool, int, float, str, None]
+FilterValue = bool | int | float | str | None
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Canonical field -> the column names tried, in order, when no mapping is configured.
 DEFAULT_FIELDS = {
@@ -30,10 +33,6 @@ DEFAULT_FIELDS = {
     "response": ["response", "output", "target", "answer", "completion"],
     "system": ["system"],
 }
-
-
-class DataError(ValueError):
-    """A record that cannot be used; the message names its file (or dataset) and line."""
 
 
 class DataSource(Section):
@@ -185,34 +184,12 @@ def _raw_rows(source: DataSource):
         yield from ((f"{source.path}[{source.split}][{i}]", ds[i]) for i in range(len(ds)))
 
 
-def _filter_matches(rec: dict, wanted: dict, origin: str) -> bool:
-    if not isinstance(rec, dict):
-        raise DataError(f"{origin}: expected an object, got {type(rec).__name__}")
-    for field, allowed in wanted.items():
-        if field not in rec:
-            raise DataError(f"{origin}: filter field {field!r} is not in the record (it has {sorted(rec)})")
-        value = rec[field]
-        if not any(_equal(value, a) for a in (allowed if isinstance(allowed, list) else [allowed])):
-            return False
-    return True
-
-
-def _equal(value, wanted) -> bool:
-    """Equality, where a CSV cell (always text) matches the YAML scalar it spells: 'False' is false."""
-    if isinstance(value, str) and not isinstance(wanted, str):
-        spelled = "null" if wanted is None else json.dumps(wanted)
-        return value.strip().casefold() == spelled.casefold() or value.strip() == str(wanted)
-    if isinstance(value, bool) or isinstance(wanted, bool):
-        return value is wanted  # true is not 1
-    return value == wanted
-
-
 def read_source(source: DataSource) -> tuple[list[tuple[str, dict]], int]:
     """(origin, record) pairs of a source in file order, filtered, truncated to `limit`; and
     how many records the filter dropped (among those read before the limit was reached)."""
     rows, dropped = [], 0
     for origin, rec in _raw_rows(source):
-        if source.filter and not _filter_matches(rec, source.filter, origin):
+        if source.filter and not filters.matches(rec, source.filter, origin):
             dropped += 1
             continue
         rows.append((origin, rec))
@@ -293,16 +270,9 @@ def to_conversation(origin: str, rec: dict, source: DataSource, system_prompt: s
         raise DataError(f"{origin}: cannot tell the record's format from its keys {sorted(rec)}; "
                         f"set format (instruction | prompt_response | messages) and fields")
     if source.template:
-        user = apply_template(source.template, rec, origin, user)
+        user = templates.render(source.template, rec, origin, user)
     response = _text(rec, _column(rec, source, "response"), origin, "response", required=response_required)
     return Conversation(tuple(head + [{"role": "user", "content": user}]), response, origin, rec)
-
-
-def apply_template(template: str, rec: dict, origin: str, prompt: str | None) -> str:
-    try:
-        return templates.render(template, rec, origin, prompt)
-    except templates.TemplateError as e:
-        raise DataError(str(e)) from None
 
 
 def load_conversations(source: DataSource, system_prompt: str | None = None) -> list[Conversation]:

@@ -130,9 +130,9 @@ def training_set_with_report(args: DataArgs) -> tuple[list[Conversation], MixRep
     if isinstance(args.train, list):
         loaded = [_load(s, args.system_prompt, False) for s in args.train]
         names = [r.name for _, r in loaded]
-        if len(set(names)) != len(names):
-            raise DataError(f"data.train: two sources share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
-                            f"set name: on one of them")
+        shared = sorted(n for n in set(names) if names.count(n) > 1)
+        if shared:
+            raise DataError(f"data.train: two sources share the name {shared[0]!r}; set name: on one of them")
         counts = mixture_counts([len(c) for c, _ in loaded], args.train, task_target, names)
         task = []
         for (convs, rep), k, i in zip(loaded, counts, range(len(loaded))):

@@ -10,29 +10,27 @@ from __future__ import annotations
 
 import string
 
-
-class TemplateError(ValueError):
-    """A template that cannot be rendered; the message names the record or the template."""
+from safebasin.safety_core.train.errors import DataError
 
 
 def placeholders(template: str) -> list[str]:
-    """The field names a template uses, in order; a malformed template raises TemplateError."""
+    """The field names a template uses, in order; a malformed template is a DataError."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise TemplateError(f"template {template!r}: {e} (write literal braces as {{{{ and }}}})") from None
+        raise DataError(f"template {template!r}: {e} (write literal braces as {{{{ and }}}})") from None
     names = []
     for _, name, spec, conversion in parsed:
         if name is None:
             continue
         if not name.isidentifier():
-            raise TemplateError(f"template {template!r}: placeholder {{{name}}} must be a plain field name "
+            raise DataError(f"template {template!r}: placeholder {{{name}}} must be a plain field name "
                                 f"(no indexing, attributes or positional fields)")
         if spec or conversion:
-            raise TemplateError(f"template {template!r}: placeholder {{{name}}} takes no format spec or conversion")
+            raise DataError(f"template {template!r}: placeholder {{{name}}} takes no format spec or conversion")
         names.append(name)
     if not names:
-        raise TemplateError(f"template {template!r} has no placeholder; use {{prompt}} or a record field such as {{sentence}}")
+        raise DataError(f"template {template!r} has no placeholder; use {{prompt}} or a record field such as {{sentence}}")
     return names
 
 
@@ -45,8 +43,8 @@ def render(template: str, record: dict, origin: str, prompt: str | None = None) 
         value = prompt if name == "prompt" and prompt is not None else record.get(name)
         if value is None or (isinstance(value, str) and not value.strip()):
             have = sorted(k for k in record if k != "prompt") + (["prompt"] if prompt is not None else [])
-            raise TemplateError(f"{origin}: template field {{{name}}} is missing or empty; the record has {have}")
+            raise DataError(f"{origin}: template field {{{name}}} is missing or empty; the record has {have}")
         if isinstance(value, (dict, list)):
-            raise TemplateError(f"{origin}: template field {{{name}}} is a {type(value).__name__}, not text")
+            raise DataError(f"{origin}: template field {{{name}}} is a {type(value).__name__}, not text")
         values[name] = str(value).strip() if isinstance(value, str) else str(value)
     return template.format(**values)
