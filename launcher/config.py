@@ -129,7 +129,8 @@ def describe(err: ValidationError, schema: type[BaseModel] = None) -> list[str]:
     schema = schema or JobConfig
     problems = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+        loc = tuple(p for p in e["loc"]
+                    if not (isinstance(p, str) and p.startswith(("function-", "literal[", "tagged-union["))))
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             owner = _model_at(schema, loc)

@@ -81,3 +81,18 @@ def test_help_lists_commands(tmp_path):
     assert res.returncode == 0
     for command in ("train", "tiny-model"):
         assert command in res.stdout
+
+
+def test_data_source_errors_name_the_key_in_the_shape_written():
+    """data.train is one source or a list: an error is reported for the shape the user wrote,
+    with the allowed keys, not as the failures of both readings."""
+    msg = errors_of({**BASE, "data": {"train": [{"path": "a.jsonl", "weigth": 1}, {"path": "b.jsonl", "weight": -1}]}})
+    assert msg.count("\n") == 2, msg  # the heading and one line per problem
+    assert "data.train.0.weigth: unknown key" in msg and "did you mean 'data.train.0.weight'" in msg
+    assert "data.train.1.weight: Input should be greater than 0" in msg
+    msg = errors_of({**BASE, "data": {"train": {"path": "a.jsonl", "filtr": {"is_safe": False}}}})
+    assert "data.train.filtr: unknown key" in msg and "did you mean 'data.train.filter'" in msg
+    msg = errors_of({**BASE, "data": {"train": {"path": "a.jsonl", "filter": {"tags": [["a"]]}}}})
+    assert "filter field 'tags'" in msg and "got ['a']" in msg
+    msg = errors_of({**BASE, "data": {"train": {"path": "a.jsonl", "template": "Say {sentence!r}"}}})
+    assert "data.train.template" in msg and "no format spec or conversion" in msg

@@ -1,5 +1,6 @@
-"""Conversation data: loading from files, Hugging Face datasets or built-in sets, chat
-formatting with response-only loss, the harmful fine-tuning mix, and deterministic batching.
+"""Conversation data: the data config (sources, mixtures, the harmful mix), loading from files,
+Hugging Face datasets or built-in sets (filtered: filters.py), chat formatting (templated:
+templates.py) with response-only loss, and deterministic batching. Mixing is in mixture.py.
 
 (Over 300 lines: reading, formatting and batching share one record model, Conversation, and
 every job reads its data through this one path.)"""
@@ -11,10 +12,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.nll import IGNORE_INDEX
 from safebasin.safety_core.train import filters, synthetic, templates
@@ -22,7 +23,7 @@ from safebasin.safety_core.train.errors import (
     DataError,  # also imported from here as data.DataError
 )
 
-FilterValue = bool | int | float | str | None
+FILTER_SCALARS = (bool, int, float, str, type(None))
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Canonical field -> the column names tried, in order, when no mapping is configured.
 DEFAULT_FIELDS = {
@@ -44,7 +45,7 @@ class DataSource(Section):
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="canonical field -> column, e.g. {prompt: goal}")
     limit: int | None = Field(None, ge=1, description="records kept (after the filter), in file order")
-    filter: dict[str, FilterValue | list[FilterValue]] = Field(
+    filter: dict[str, Any] = Field(
         default_factory=dict, description="keep records whose field equals the value (or one of a "
         "list of values), e.g. {is_safe: false}; applied before limit and sampling")
     template: str | None = Field(None, description="the user message, from record fields: "
@@ -67,10 +68,15 @@ class DataSource(Section):
 
     @field_validator("filter")
     @classmethod
-    def _filter_not_empty_list(cls, v: dict) -> dict:
-        empty = sorted(k for k, allowed in v.items() if isinstance(allowed, list) and not allowed)
-        if empty:
-            raise ValueError(f"filter field(s) {empty} allow no value (an empty list)")
+    def _filter_values(cls, v: dict) -> dict:
+        for field, allowed in v.items():
+            values = allowed if isinstance(allowed, list) else [allowed]
+            if not values:
+                raise ValueError(f"filter field {field!r} allows no value (an empty list)")
+            bad = [a for a in values if not isinstance(a, FILTER_SCALARS)]
+            if bad:
+                raise ValueError(f"filter field {field!r}: values are compared for equality, so each must "
+                                 f"be a string, number, true/false or null (or a list of them); got {bad[0]!r}")
         return v
 
 
@@ -96,9 +102,16 @@ class HarmfulMix(Section):
     fraction: float = Field(ge=0.0, le=1.0)
 
 
+# One source or a list (a mixture), told apart by the YAML's shape, so that a config error
+# names the key in the shape the user wrote instead of the failures of both readings. The tag
+# names follow pydantic's own location names, which config error messages leave out.
+TrainSources = Annotated[
+    Annotated[MixtureSource, Tag("tagged-union[mapping]")] | Annotated[list[MixtureSource], Tag("tagged-union[list]")],
+    Discriminator(lambda v: "tagged-union[list]" if isinstance(v, list) else "tagged-union[mapping]")]
+
+
 class DataArgs(Section):
-    train: DataSource | list[MixtureSource] = Field(description="one source, or a list of sources "
-                                                     "with weight or count (a mixture)")
+    train: TrainSources = Field(description="one source, or a list of sources with weight or count (a mixture)")
     eval: DataSource | None = None
     harmful_mix: HarmfulMix | None = None
     num_examples: int | None = Field(None, ge=1, description="n: size of the fine-tuning set "
@@ -106,6 +119,15 @@ class DataArgs(Section):
     max_length: int = Field(512, ge=8)
     system_prompt: str | None = None
     seed: int = 0
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _plain_sources(cls, v):
+        """A DataSource object built in Python (the type of data.train before mixtures) is read
+        as the mapping it was made from."""
+        def plain(src):
+            return src.model_dump(exclude_unset=True) if type(src) is DataSource else src
+        return [plain(s) for s in v] if isinstance(v, list) else plain(v)
 
 
 @dataclass(frozen=True)

@@ -127,24 +127,26 @@ def training_set_with_report(args: DataArgs) -> tuple[list[Conversation], MixRep
         n_harm = round(args.harmful_mix.fraction * args.num_examples)
     task_target = None if args.num_examples is None else args.num_examples - n_harm
 
-    if isinstance(args.train, list):
-        loaded = [_load(s, args.system_prompt, False) for s in args.train]
+    sources = args.train if isinstance(args.train, list) else [args.train]
+    if len(sources) > 1 or sources[0].weight is not None or sources[0].count is not None:
+        loaded = [_load(s, args.system_prompt, False) for s in sources]
         names = [r.name for _, r in loaded]
         shared = sorted(n for n in set(names) if names.count(n) > 1)
         if shared:
             raise DataError(f"data.train: two sources share the name {shared[0]!r}; set name: on one of them")
-        counts = mixture_counts([len(c) for c, _ in loaded], args.train, task_target, names)
+        counts = mixture_counts([len(c) for c, _ in loaded], sources, task_target, names)
         task = []
         for (convs, rep), k, i in zip(loaded, counts, range(len(loaded))):
             task += _sample(convs, k, args.seed, f"train{i}")
             report.sources.append(rep)
         random.Random(args.seed).shuffle(task)
     else:
-        task, rep = _load(args.train, args.system_prompt, False)
+        # One plain source: drawn exactly as before mixtures existed.
+        task, rep = _load(sources[0], args.system_prompt, False)
         report.sources.append(rep)
         if args.harmful_mix is None and args.num_examples is not None:
             if args.num_examples > len(task):
-                raise DataError(f"data.num_examples={args.num_examples} but {args.train.path} has "
+                raise DataError(f"data.num_examples={args.num_examples} but {sources[0].path} has "
                                 f"{len(task)} records")
             task = random.Random(args.seed).sample(task, args.num_examples)
 
