@@ -57,8 +57,9 @@ def data_summary(tokenizer, convs: list[Conversation], report: MixReport, max_le
 def format_summary(s: dict) -> str:
     lines = [f"data: {s['examples']} examples ({s['benign']} benign, {s['harmful']} harmful)"]
     for src in s["sources"]:
+        dropped = f" ({src['filtered_out']} dropped by the filter)" if src["filtered_out"] else ""
         lines.append(f"  {'harmful' if src['harmful'] else 'benign '} {src['name']}: {src['taken']} taken of "
-                     f"{src['available']} records ({src['filtered_out']} dropped by the filter) <- {src['path']}")
+                     f"{src['available']} records{dropped} <- {src['path']}")
     t, tr = s["tokens"], s["truncated"]
     if t["mean"] is not None:
         lines.append(f"  tokens per example: mean {t['mean']:.1f}, p95 {t['p95']}, max {t['max']}; "
