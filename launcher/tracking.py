@@ -31,8 +31,8 @@ class Tracker:
             mlflow.start_run(run_id=self.run_id)
             return
         from safebasin.launcher.config import flatten
-        run = mlflow.start_run(run_name=config.tracking.run_name or default_run_name, nested=parent_run_id is not None,
-                               parent_run_id=parent_run_id)
+        run = mlflow.start_run(run_name=config.tracking.run_name or default_run_name,
+                               nested=parent_run_id is not None, parent_run_id=parent_run_id)
         self.run_id = run.info.run_id
         params = {k: ("" if v is None else str(v))[:6000]
                   for k, v in flatten(config.model_dump(mode="json", by_alias=True)).items()}
