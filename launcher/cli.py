@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -14,18 +16,40 @@ from safebasin.safety_core.train.checkpoints import CheckpointError, convert_if_
 from safebasin.safety_core.train.data import DataError
 
 
-def _add_job_args(p: argparse.ArgumentParser) -> None:
+def _add_job_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
     p.add_argument("config", help="YAML config")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. deepspeed.stage=3 train.max_steps=20")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. deepspeed.stage=3 train.max_steps=20 "
+                   "(before, after or between the options)")
     add_launch_args(p)
+    again = p.add_mutually_exclusive_group()
+    if resumable:
+        again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint "
+                           "(the plan keys must be unchanged: see README, Training)")
+    again.add_argument("--overwrite", action="store_true", help="output.dir holds a previous job's results: "
+                       "move them aside to OUTPUT.replaced-TIME and start over (nothing is deleted)")
 
 
-def prepare_output(cfg: JobConfig, resume: bool) -> Path:
-    """Refuse to run over a previous job's results unless resuming; write the resolved config."""
+def prepare_output(cfg: JobConfig, resume: bool, overwrite: bool = False, topo=None) -> Path:
+    """Refuse to run over a previous job's results unless resuming (plan unchanged) or told to
+    move them aside; write the resolved config."""
+    from safebasin.launcher.outputs import check_resume_plan, local_store, move_aside, previous_results, refuse_previous
     out = Path(cfg.output.dir)
-    if not resume and (out / "checkpoints").exists():
-        raise ConfigError([f"output.dir {out} already holds checkpoints of a job: pass --resume to "
-                           f"continue it, or choose another output.dir"])
+    held = previous_results(out)
+    if resume and (out / "checkpoints" / "latest").is_file():
+        check_resume_plan(cfg, out, topo.world_size if topo is not None else 1)
+    elif resume and held:
+        raise ConfigError([f"--resume: output.dir {out} holds no checkpoint to resume from, but holds a "
+                           f"previous job's {', '.join(held)}: pass --overwrite to move them aside and start "
+                           f"over, or choose another output.dir"])
+    elif held:
+        if not overwrite:
+            raise refuse_previous(out, "output.dir", held, can_resume=True)
+        # With a shared output.dir only node 0 moves the folder; the other nodes' checks may come
+        # before or after the move and both let them through.
+        if topo is None or topo.node_rank == 0:
+            dest = move_aside(out, [("the current directory", os.getcwd()),
+                                    ("the MLflow store", local_store(cfg.tracking.resolved_uri()))])
+            print(f"safebasin: --overwrite: the previous results in {out} moved aside to {dest}", flush=True)
     return dump(cfg, out / "config.yaml")
 
 
@@ -34,10 +58,21 @@ def run_job(command: str, cfg: JobConfig, args) -> dict:
     process, this node, this node's share of a per-node launch, or a hostfile's hosts. Returns
     rank 0's summary, which every rank command also writes to OUTPUT/results.json. On a node
     other than node rank 0 it ends the process once the node's ranks are done (the summary is
-    printed by node 0, whose disk holds it when OUTPUT is not shared)."""
+    printed by node 0, whose disk holds it when OUTPUT is not shared). Every input is checked
+    here first (preflight), so a bad one fails in one line before any rank starts."""
+    from safebasin.launcher.preflight import check_inputs
     resume = getattr(args, "resume", False)
     topo = resolve(args)
-    resolved = prepare_output(cfg, resume)
+    check_inputs(cfg, command)
+    finished = Path(cfg.output.dir) / "results.json"
+    if resume and finished.is_file():
+        if (Path(cfg.output.dir) / "checkpoints" / "latest").is_file():
+            from safebasin.launcher.outputs import check_resume_plan
+            check_resume_plan(cfg, Path(cfg.output.dir), topo.world_size)
+        print(f"safebasin {command}: output.dir {cfg.output.dir} holds a finished run (results.json): nothing "
+              f"to resume; every output is left as it was")
+        return json.loads(finished.read_text())
+    resolved = prepare_output(cfg, resume, getattr(args, "overwrite", False), topo)
     if resume and topo.node_rank == 0:
         # Before any rank starts: other nodes' ranks wait in the rendezvous meanwhile.
         universal = convert_if_needed(Path(cfg.output.dir) / "checkpoints", topo.world_size)
@@ -59,19 +94,36 @@ def run_job(command: str, cfg: JobConfig, args) -> dict:
     cfg.model.resolved_path()
     print(f"safebasin {command}: {describe(topo)}", flush=True)
     code = launch(command, resolved, topo, ["--resume"] if resume else [], rank_log_dir=rank_logs)
+    if code in (130, 143):
+        raise Interrupted(code)
     if code != 0:
-        raise SystemExit(code)
+        logs = f"; rank logs in {Path(rank_logs).resolve()}" if rank_logs else ""
+        raise JobFailed(f"the job failed on its ranks (exit {code}); their output is above{logs}", code)
     if topo.node_rank > 0:
         print(f"safebasin {command}: the ranks of node {topo.node_rank} finished; node 0 reports the result")
         raise SystemExit(0)
     return json.loads((Path(cfg.output.dir) / "results.json").read_text())
 
 
+class JobFailed(RuntimeError):
+    """The ranks failed; they printed why. Ends the command with their exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: the command ends with 128 + the signal's number, as a shell reports."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg.require("data", "train")
-    if cfg.anchor is not None and cfg.anchor.basis_problem():
-        raise ConfigError([f"anchor.basis: {cfg.anchor.basis_problem()}"])
     print_summary(run_job("train", cfg, args), cfg)
     return 0
 
@@ -106,7 +158,7 @@ def cmd_restore(args) -> int:
 def cmd_slurm(args) -> int:
     from safebasin.launcher.slurm import sbatch_script
     load_config(args.config, args.overrides)  # fail now rather than after the job waited in the queue
-    launch_args = (["--resume"] if args.resume else []) + (["--launcher", args.launcher] if args.launcher else []) \
+    launch_args = (["--resume"] if args.resume else []) + (["--overwrite"] if args.overwrite else []) + (["--launcher", args.launcher] if args.launcher else []) \
         + (["--rank-logs", str(Path(args.rank_logs).resolve())] if args.rank_logs else [])
     text = sbatch_script(args.run, args.config, args.overrides, nodes=args.nodes,
                          gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
@@ -132,8 +184,19 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+def _check_out(label: str, out: str, inputs: list[tuple[str, str]]) -> None:
+    """Before any work: the output folder is writable and apart from every input."""
+    from safebasin.launcher.outputs import overlap_problems, writable_problem
+    from safebasin.launcher.preflight import local_value
+    problems = overlap_problems(label, out, [(k, local_value(v, "model")) for k, v in inputs])
+    problems += [p for p in [writable_problem(label, out)] if p]
+    if problems:
+        raise ConfigError(problems)
+
+
 def cmd_align_basis(args) -> int:
     from safebasin.safety_core.anchor.basis import BasisError, extract_basis
+    _check_out("--out", args.out, [("--aligned", args.aligned), ("--base", args.base)])
     try:
         manifest = extract_basis(args.aligned, args.base, args.out, modules=args.modules,
                                  variant=args.variant, rank=args.rank, tol=args.tol,
@@ -150,6 +213,7 @@ def cmd_align_basis(args) -> int:
 def cmd_safe_lora_project(args) -> int:
     from safebasin.safety_core.anchor.basis import BasisError
     from safebasin.safety_core.anchor.safe_lora import project_adapter
+    _check_out("--out", args.out, [("--adapter", args.adapter), ("--basis", args.basis)])
     try:
         report = project_adapter(args.adapter, args.basis, args.out, threshold=args.threshold,
                                  num_layers=args.num_layers)
@@ -167,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune (LoRA or full) under DeepSpeed ZeRO 0-3")
-    _add_job_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    _add_job_args(p, resumable=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("restore", help="curvature-aware safety restoration of a fine-tuned model "
@@ -190,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs for each node's task (all its ranks)")
     p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default=None)
     p.add_argument("--rank-logs", default=None, metavar="DIR")
-    p.add_argument("--resume", action="store_true", help="the job continues from the newest checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="the job continues from the newest checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="the job moves a previous job's results aside")
     p.add_argument("--out", default=None, metavar="FILE", help="write the script here (default: print it)")
     p.set_defaults(func=cmd_slurm)
 
@@ -239,14 +304,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Options and dotted overrides in any order: argparse gives the overrides positional only
+    the words before the first option, so the words left over after the options are overrides
+    too (for the commands that take them); anything else left over is an error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(word.startswith("-") for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
+def _stop(signum, _frame):
+    raise Interrupted(128 + signum)
+
+
+# Errors the user can fix: printed as one line each, no traceback.
+USER_ERRORS = (ConfigError, DataError, LaunchError, CheckpointError)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     library_bars_off()
+    from safebasin.safety_core.anchor.basis import BasisError
+    # SIGTERM (a scheduler, kill) ends the command like SIGINT does: through the handlers that
+    # mark the MLflow run failed, with 143 rather than a bare kill.
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         code = args.func(args)
-    except (ConfigError, DataError, LaunchError, CheckpointError) as e:
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"safebasin {args.command}: {problem}", file=sys.stderr)
+        code = 2
+    except (*USER_ERRORS, BasisError) as e:
         print(f"safebasin {args.command}: {e}", file=sys.stderr)
         code = 2
+    except JobFailed as e:
+        print(f"safebasin {args.command}: {e}", file=sys.stderr)
+        code = e.code
+    except KeyboardInterrupt:
+        code = 130
+    except Interrupted as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code in (130, 143):
+        print(f"safebasin {args.command}: stopped by {'SIGINT' if code == 130 else 'SIGTERM'} (exit {code}); "
+              f"results.json is written only by a finished job", file=sys.stderr)
     sys.exit(code)
 
 

@@ -54,17 +54,6 @@ class JobConfig(Section):
     anchor: AnchorArgs | None = None
     restore: RestoreArgs | None = None
 
-    @model_validator(mode="after")
-    def _output_is_not_input(self):
-        out = Path(self.output.dir).resolve()
-        for name, value in (("model.path", self.model.path), ("model.adapter", self.model.adapter)):
-            if value and Path(value).exists():
-                src = Path(value).resolve()
-                if out == src or src in out.parents:
-                    raise ValueError(f"output.dir {self.output.dir!r} lies inside {name} {value!r}; "
-                                     f"input models are never written to")
-        return self
-
     def require(self, *sections: str) -> None:
         missing = [s for s in sections if getattr(self, s) is None]
         if missing:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,17 +30,26 @@ def load_settings(quick: bool, overrides: list[str]):
     return build(apply_overrides(raw, list(overrides)), schema=DemoSettings)
 
 
-def prepare_folder(out: Path) -> Path:
-    """A fresh output folder. An existing one is replaced only when a previous demo wrote it
-    (it holds the demo's marker file) or it is empty; anything else is refused, never deleted."""
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError([f"--out {out} exists and is not a folder"])
-        if (out / MARKER).is_file():
-            shutil.rmtree(out)
-        elif any(out.iterdir()):
+def prepare_folder(out: Path, overwrite: bool = False) -> Path:
+    """A fresh output folder. A previous demo's folder (it holds the demo's marker file) is moved
+    aside to OUT.replaced-TIME with --overwrite and refused without; a folder holding anything
+    else is refused; nothing is ever deleted."""
+    from safebasin.launcher.outputs import local_store, move_aside, overlap_problems, writable_problem
+    keep = [("the current directory", os.getcwd()), ("the MLflow store", local_store(TrackingArgs().resolved_uri()))]
+    problems = overlap_problems("--out", out, [(k, str(v)) for k, v in keep if k != "the current directory"])
+    problems += [p for p in [writable_problem("--out", out)] if p]
+    if problems:
+        raise ConfigError(problems)
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
             raise ConfigError([f"--out {out} holds files that no safebasin demo wrote; choose another "
-                               f"folder (a previous demo's folder, with its {MARKER}, is replaced)"])
+                               f"folder (a previous demo's folder, with its {MARKER}, is moved aside with "
+                               f"--overwrite)"])
+        if not overwrite:
+            raise ConfigError([f"--out {out} holds a previous demo's results: pass --overwrite to move them "
+                               f"aside to {out.name}.replaced-<time> and start over, or choose another --out"])
+        dest = move_aside(out, keep)
+        print(f"safebasin demo: --overwrite: the previous demo in {out} moved aside to {dest}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -50,7 +58,7 @@ def launch_args(nproc: int) -> argparse.Namespace:
     """What run_job reads of the launch options: N ranks on this node, nothing else."""
     return argparse.Namespace(nproc=nproc, launcher="deepspeed", hostfile=None, include=None, exclude=None,
                               nnodes=None, node_rank=None, master_addr=None, master_port=None,
-                              rank_logs=None, resume=False)
+                              rank_logs=None, resume=False, overwrite=False)
 
 
 class DemoRuns:
@@ -185,7 +193,7 @@ def cmd_demo(args) -> int:
     if args.nproc < 1:
         raise ConfigError([f"--nproc must be >= 1, got {args.nproc}"])
     settings = load_settings(args.quick, args.overrides)
-    out = prepare_folder(Path(args.out))
+    out = prepare_folder(Path(args.out), args.overwrite)
     result = run_demo(settings, out, args.nproc)
     if args.json:
         report.write_json(result, args.json)
@@ -207,8 +215,10 @@ def register(sub) -> None:
                        "harmful fine-tune, anchor and restore it; offline, a few minutes on a CPU")
     p.add_argument("overrides", nargs="*", help="dotted settings overrides, e.g. attack.fraction=0.3 "
                    "(see safebasin/safety_core/demo/settings.py)")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); a previous "
-                   "demo's folder is replaced, any other non-empty folder is refused")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); a non-empty "
+                   "one is refused (a previous demo's folder: see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="--out holds a previous demo: move it aside "
+                   "to OUT.replaced-TIME and start over (nothing is deleted)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results JSON here")
     p.add_argument("--nproc", type=int, default=1, help="ranks for the training, restoration and "
                    "evaluation stages (default 1: everything in this process)")

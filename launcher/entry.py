@@ -14,6 +14,7 @@ from pathlib import Path
 from safebasin.launcher.config import JobConfig, load_config
 from safebasin.launcher.launch import single_process_env
 from safebasin.launcher.measure import run_eval, run_landscape
+from safebasin.launcher.outputs import write_results
 from safebasin.launcher.tracking import Tracker
 from safebasin.safety_core.progress import library_bars_off
 
@@ -26,7 +27,7 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
     from safebasin.safety_core.train.trainer import train
     cfg.require("data", "train")
     out = Path(cfg.output.dir)
-    tracker = Tracker(cfg, out, active=global_rank() == 0)
+    tracker = Tracker(cfg, out, active=global_rank() == 0, reattach=resume)
     try:
         factory = None
         if cfg.anchor is not None:
@@ -42,7 +43,7 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
     summary = {"output_dir": str(out.resolve()), "final": str(result.final_dir.resolve()),
                "steps": result.steps, "metrics": result.metrics, "mlflow_run_id": tracker.run_id}
     if global_rank() == 0:
-        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        write_results(out, summary)
         for name in ("config.yaml", "results.json", "metrics.jsonl", "ds_config.json"):
             tracker.log_artifact(out / name)
     tracker.end()
@@ -59,11 +60,7 @@ def run_restore(cfg: JobConfig, resume: bool = False) -> dict:
     from safebasin.safety_core.restore.loop import restore
     cfg.require("restore")
     out = Path(cfg.output.dir)
-    if global_rank() == 0:
-        # A restore never resumes: a run file left by an earlier job in this folder must not make
-        # this job log into that job's MLflow run.
-        from safebasin.launcher.tracking import RUN_FILE
-        (out / RUN_FILE).unlink(missing_ok=True)
+    # A restore never resumes: it never reattaches to a run an earlier job left in this folder.
     tracker = Tracker(cfg, out, active=global_rank() == 0)
     try:
         # MLflow takes numbers: the accepted flag is logged as 0/1.
@@ -76,7 +73,7 @@ def run_restore(cfg: JobConfig, resume: bool = False) -> dict:
                "iterations": len(result.rows), "metrics": result.rows[-1] if result.rows else {},
                **result.summary, "mlflow_run_id": tracker.run_id}
     if global_rank() == 0:
-        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        write_results(out, summary)
         tracker.log_metrics({f"initial_{k}": v for k, v in result.summary["initial"].items()}, 0)
         for name in ("config.yaml", "results.json", "metrics.jsonl"):
             tracker.log_artifact(out / name)

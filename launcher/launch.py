@@ -61,7 +61,8 @@ def on_cpu() -> bool:
 def launch(command: str, config_path: Path, topo: Topology, extra: list[str], *,
            rank_log_dir: str | Path | None = None) -> int:
     """Start this node's share of the job's ranks (all of them with a hostfile) and wait; returns
-    the launcher's exit code, non-zero when any rank failed."""
+    the launcher's exit code, non-zero when any rank failed, or 128 + N when this process got
+    signal N (SIGINT, SIGTERM) and passed it on."""
     env = dict(os.environ)
     if on_cpu():
         # The CPU accelerator counts one device per NUMA node unless told the local size.
@@ -80,11 +81,18 @@ def launch(command: str, config_path: Path, topo: Topology, extra: list[str], *,
     else:
         cmd = per_node_command(topo, rank_args)
     proc = subprocess.Popen(cmd, env=env)
-    # A scheduler or a user stopping this command must stop the ranks too, not orphan them.
-    previous = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        proc.send_signal(signum)
+
+    # A scheduler or a user stopping this command must stop the ranks too, not orphan them; the
+    # command then reports the signal (128 + N, as a shell does) rather than the launcher's 1.
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return proc.wait()
+        code = proc.wait()
+        return 128 + received[0] if received else code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safebasin.launcher.config import JobConfig
+from safebasin.launcher.outputs import write_results
 from safebasin.launcher.tracking import Tracker
 
 
@@ -53,7 +54,7 @@ def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
     summary["mlflow_run_id"] = tracker.run_id
     if rank == 0:
         # The one results file: evaluate() wrote it; it gains the MLflow run id here.
-        (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        write_results(out, summary)
         tracker.log_metrics(flat_metrics(result))
         for name in ("config.yaml", RESULTS_FILE, RECORDS_FILE):
             tracker.log_artifact(out / name)
@@ -73,7 +74,7 @@ def run_landscape(cfg: JobConfig, resume: bool = False) -> dict:
         raise
     result["mlflow_run_id"] = tracker.run_id
     if rank == 0:
-        (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+        write_results(out, result)
         for path, corr in result.get("correlation", {}).items():
             tracker.log_metrics({f"pearson.{Path(path).stem}": corr["pearson"],
                                  f"spearman.{Path(path).stem}": corr["spearman"]})
@@ -132,9 +133,20 @@ def cmd_judge(args) -> int:
         load_judge_records,
         make_judge,
     )
+    from safebasin.launcher.config import ConfigError
+    from safebasin.launcher.outputs import overlap_problems
+    if not Path(args.input).is_file():
+        raise ConfigError([f"--input {args.input}: {'a folder, not a JSONL file' if Path(args.input).is_dir() else 'no such file'}"])
+    problems = overlap_problems("--json", args.json, [("--input", args.input)])
+    if problems:
+        raise ConfigError(problems)
+    try:
+        records = load_judge_records(args.input)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
     judge_args = JudgeArgs(name=args.judge, model=args.model, harmful_label=args.harmful_label,
                            batch_size=args.batch_size)
-    result = judge_records(make_judge(judge_args), load_judge_records(args.input), batch_size=args.batch_size)
+    result = judge_records(make_judge(judge_args), records, batch_size=args.batch_size)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"{result['n']} records judged by {args.judge}: HRR {_fmt(result['hrr'])}, "

@@ -13,8 +13,9 @@ class Tracker:
     """Rank 0 gets a live MLflow run; other ranks get an inert tracker so callers never branch."""
 
     def __init__(self, config, out_dir: str | Path, *, active: bool, parent_run_id: str | None = None,
-                 default_run_name: str | None = None):
-        """`default_run_name` names the run when tracking.run_name is not set."""
+                 default_run_name: str | None = None, reattach: bool = False):
+        """`default_run_name` names the run when tracking.run_name is not set; `reattach`: a
+        resumed job continues the run its output folder records."""
         self.active = active and config.tracking.enabled
         self.out_dir = Path(out_dir)
         self.run_id: str | None = None
@@ -25,7 +26,9 @@ class Tracker:
         mlflow.set_tracking_uri(config.tracking.resolved_uri())
         mlflow.set_experiment(config.tracking.experiment)
         run_file = self.out_dir / RUN_FILE
-        previous = self._previous_run(run_file)
+        # Only a resumed job continues the folder's run: any other job gets a run of its own, so
+        # two jobs' metrics never mix in one run.
+        previous = self._previous_run(run_file) if reattach else None
         if previous is not None:
             self.run_id = previous
             mlflow.start_run(run_id=self.run_id)
@@ -45,7 +48,7 @@ class Tracker:
 
     def _previous_run(self, run_file: Path) -> str | None:
         """The run this output folder's job logged to, when it is in the current store: a
-        resumed or re-run job continues it. One recorded in another store (the URI changed, or
+        resumed job continues it. One recorded in another store (the URI changed, or
         the database was removed) cannot be reattached; the job then gets a new run."""
         if not run_file.exists():
             return None

@@ -55,10 +55,17 @@ def test_override_into_a_value_is_an_error():
 
 
 def test_output_inside_input_model_refused(tmp_path):
+    # Checked before the ranks start (launcher.preflight), with both paths named and without the
+    # whole config in the message; tests/test_reliability.py covers every relation and command.
+    from safebasin.launcher.preflight import check_inputs
     model = tmp_path / "model"
     model.mkdir()
-    msg = errors_of({**BASE, "model": {"path": str(model)}, "output": {"dir": str(model / "out")}})
-    assert "input models are never written to" in msg
+    cfg = build({**BASE, "model": {"path": str(model)}, "output": {"dir": str(model / "out")}})
+    with pytest.raises(ConfigError) as e:
+        check_inputs(cfg, "train")
+    msg = str(e.value)
+    assert f"output.dir {model / 'out'} lies inside the input model.path {model}" in msg
+    assert "'tracking'" not in msg
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)

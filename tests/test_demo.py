@@ -64,8 +64,13 @@ def test_output_folder_rule(tmp_path):
     previous.mkdir()
     (previous / MARKER).write_text("{}")
     (previous / "old.json").write_text("{}")
-    prepare_folder(previous)
+    with pytest.raises(ConfigError, match="--overwrite"):
+        prepare_folder(previous)
+    assert (previous / "old.json").exists()
+    prepare_folder(previous, overwrite=True)
     assert previous.is_dir() and not any(previous.iterdir())
+    moved, = tmp_path.glob("demo.replaced-*")
+    assert (moved / "old.json").exists()  # moved aside, never deleted
 
 
 def test_settings_overrides_are_validated():
@@ -123,11 +128,13 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
         assert metrics["eval_hrr"] == pytest.approx(result["stages"][name]["hrr"])
         assert "loss" in metrics or "forget_loss" in metrics  # the stage's own training / restoration log
 
-    # A second run replaces the first demo's folder (it is marked as a demo's), and is seeded:
-    # the same settings give the same numbers.
-    again = safebasin_cli("demo", "--quick", "--out", str(out), cwd=tmp_path, timeout=300)
+    # A second run moves the first demo's folder aside (--overwrite), and is seeded: the same
+    # settings give the same numbers.
+    again = safebasin_cli("demo", "--quick", "--out", str(out), "--overwrite", cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["stages"] == result["stages"]
+    moved, = tmp_path.glob(f"{out.name}.replaced-*")
+    assert json.loads((moved / "results.json").read_text())["stages"] == result["stages"]
 
 
 def test_makefile_demo_target_runs_the_demo():

@@ -248,13 +248,24 @@ def summarize(verdicts: list[Verdict]) -> dict:
             "hrr_upper": (harmful + unparsed) / n if n else None}
 
 
+_NOT_JSONL = ("{path}: a JSON array, but --input takes JSONL (one JSON object per line); convert it, "
+              "e.g. jq -c '.[]' {path}")
+
+
 def load_judge_records(path: str | Path) -> list[dict]:
     """Records of a JSONL file for `safebasin judge --input`: each needs prompt and response."""
     out = []
+    if Path(path).read_text().lstrip().startswith("["):
+        raise ValueError(_NOT_JSONL.format(path=path))
     for origin, rec in read_jsonl(Path(path)):
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
-                or not isinstance(rec.get("response"), str):
-            raise ValueError(f"{origin}: each record needs string 'prompt' and 'response' fields")
+        if isinstance(rec, list):
+            raise ValueError(_NOT_JSONL.format(path=path))
+        if not isinstance(rec, dict):
+            raise ValueError(f"{origin}: a record must be a JSON object, got {type(rec).__name__}")
+        missing = [k for k in ("prompt", "response") if not isinstance(rec.get(k), str)]
+        if missing:
+            raise ValueError(f"{origin}: no string {' or '.join(repr(k) for k in missing)} field "
+                             f"(its keys: {sorted(rec)})")
         out.append(rec)
     return out
 

@@ -247,7 +247,10 @@ def _text(rec: dict, col: str | None, origin: str, what: str, required: bool = T
     value = rec.get(col) if col else None
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
-            raise DataError(f"{origin}: missing or empty {what!r} field (looked for column {col!r})")
+            if col is None:
+                raise DataError(f"{origin}: no {what!r} field (none of its keys {sorted(rec)} is a {what} "
+                                f"column; name the column with fields: {{{what}: COLUMN}})")
+            raise DataError(f"{origin}: empty {what!r} field (column {col!r})")
         return None
     if not isinstance(value, str):
         raise DataError(f"{origin}: field {col!r} must be a string, got {type(value).__name__}")
