@@ -248,9 +248,9 @@ def _text(rec: dict, col: str | None, origin: str, what: str, required: bool = T
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
             if col is None:
-                raise DataError(f"{origin}: no {what!r} field (none of its keys {sorted(rec)} is a {what} "
-                                f"column; name the column with fields: {{{what}: COLUMN}})")
-            raise DataError(f"{origin}: empty {what!r} field (column {col!r})")
+                raise DataError(f"{origin}: missing or empty {what!r} field (none of its keys {sorted(rec)} "
+                                f"is a {what} column; name the column with fields: {{{what}: COLUMN}})")
+            raise DataError(f"{origin}: missing or empty {what!r} field (column {col!r})")
         return None
     if not isinstance(value, str):
         raise DataError(f"{origin}: field {col!r} must be a string, got {type(value).__name__}")
