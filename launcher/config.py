@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError
 from safebasin.safety_core.anchor.regularizer import AnchorArgs
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.measure.evaluation import EvalArgs

@@ -34,9 +34,14 @@ def prepare_folder(out: Path, overwrite: bool = False) -> Path:
     """A fresh output folder. A previous demo's folder (it holds the demo's marker file) is moved
     aside to OUT.replaced-TIME with --overwrite and refused without; a folder holding anything
     else is refused; nothing is ever deleted."""
-    from safebasin.launcher.outputs import local_store, move_aside, overlap_problems, writable_problem
+    from safebasin.launcher.outputs import (
+        local_store,
+        move_aside,
+        overlap_problems,
+        writable_problem,
+    )
     keep = [("the current directory", os.getcwd()), ("the MLflow store", local_store(TrackingArgs().resolved_uri()))]
-    problems = overlap_problems("--out", out, [(k, str(v)) for k, v in keep if k != "the current directory"])
+    problems = overlap_problems("--out", out, [(k, str(v)) for k, v in keep[1:] if v is not None])
     problems += [p for p in [writable_problem("--out", out)] if p]
     if problems:
         raise ConfigError(problems)
@@ -98,7 +103,7 @@ class DemoRuns:
 
 def run_demo(settings, out: Path, nproc: int, *, log=print) -> dict:
     import torch
-    from safebasin.launcher.cli import run_job
+    from safebasin.launcher.jobs import run_job
     from safebasin.safety_core.anchor.basis import extract_basis
     from safebasin.safety_core.demo import landscapes, organism, report
     from safebasin.safety_core.measure.evaluation import flat_metrics

@@ -7,7 +7,6 @@ ranks never see a bad config.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 

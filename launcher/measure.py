@@ -39,7 +39,12 @@ def evaluated_name(model_args) -> str:
 
 
 def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
-    from safebasin.safety_core.measure.evaluation import RECORDS_FILE, RESULTS_FILE, evaluate, flat_metrics
+    from safebasin.safety_core.measure.evaluation import (
+        RECORDS_FILE,
+        RESULTS_FILE,
+        evaluate,
+        flat_metrics,
+    )
     from safebasin.safety_core.train.modeling import load_model, load_tokenizer
     cfg.require("eval")
     (rank, device), out = _init_ranks(cfg), Path(cfg.output.dir)
@@ -90,8 +95,8 @@ def run_landscape(cfg: JobConfig, resume: bool = False) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from safebasin.launcher.cli import run_job
     from safebasin.launcher.config import load_config
+    from safebasin.launcher.jobs import run_job
     cfg = load_config(args.config, args.overrides)
     cfg.require("eval")
     summary = run_job("eval", cfg, args)
@@ -109,8 +114,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_landscape(args) -> int:
-    from safebasin.launcher.cli import run_job
     from safebasin.launcher.config import load_config
+    from safebasin.launcher.jobs import run_job
     overrides = list(args.overrides) + ([f"output.dir={args.out}"] if args.out else [])
     cfg = load_config(args.config, overrides)
     cfg.require("landscape")
@@ -127,14 +132,14 @@ def cmd_landscape(args) -> int:
 
 
 def cmd_judge(args) -> int:
+    from safebasin.launcher.config import ConfigError
+    from safebasin.launcher.outputs import overlap_problems
     from safebasin.safety_core.measure.judges import (
         JudgeArgs,
         judge_records,
         load_judge_records,
         make_judge,
     )
-    from safebasin.launcher.config import ConfigError
-    from safebasin.launcher.outputs import overlap_problems
     if not Path(args.input).is_file():
         raise ConfigError([f"--input {args.input}: {'a folder, not a JSONL file' if Path(args.input).is_dir() else 'no such file'}"])
     problems = overlap_problems("--json", args.json, [("--input", args.input)])

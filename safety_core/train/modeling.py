@@ -4,6 +4,7 @@ parameters), and exporting the result as a PEFT adapter folder or save_pretraine
 from __future__ import annotations
 
 import contextlib
+import shutil
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -102,7 +103,12 @@ def export(model, tokenizer, out_dir: str | Path, *, zero3: bool, is_rank0: bool
     state = gather_state(model, names, zero3=zero3, keep=is_rank0)
     if not is_rank0:
         return None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Written into a sibling folder and renamed into place: a job stopped mid-export (SIGTERM, a
+    # crash) leaves no half-written model that loads as if it were the result.
+    final_dir, out_dir = out_dir, out_dir.with_name(f".{out_dir.name}.partial")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
     if is_peft:
         model.save_pretrained(out_dir, state_dict=get_peft_model_state_dict(model, state_dict=state))
     else:
@@ -115,7 +121,11 @@ def export(model, tokenizer, out_dir: str | Path, *, zero3: bool, is_rank0: bool
                 full[key] = value.detach().cpu()
         model.save_pretrained(out_dir, state_dict=full, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    return out_dir
+    if final_dir.exists():
+        # An export of this same job made before it was stopped and resumed: superseded.
+        shutil.rmtree(final_dir)
+    out_dir.rename(final_dir)
+    return final_dir
 
 
 def gather_state(model, names: list[str], *, zero3: bool, keep: bool) -> dict[str, torch.Tensor]:
