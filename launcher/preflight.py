@@ -37,20 +37,20 @@ def looks_local(value: str) -> bool:
     return value.startswith(("/", ".", "~")) or value.count("/") > 1 or value.endswith("/") or "\\" in value
 
 
-def inputs_of(cfg: JobConfig) -> list[tuple[str, str, str]]:
-    """(dotted key, value, kind) of every input the config names; kind is model, adapter, basis
-    or data. Model sections (path + adapter) and data sources (path + split) are found wherever
-    they sit (model, landscape.reference, restore.forget, eval.task, ...)."""
+def inputs_of(cfg: JobConfig) -> list[tuple[str, str, str, str | None]]:
+    """(dotted key, value, kind, detail) of every input the config names; kind is model,
+    adapter, basis or data (detail: its subset). Model sections (path + adapter) and data sources
+    (path + split) are found wherever they sit (model, landscape.reference, restore.forget, ...)."""
     found = []
 
     def walk(node, prefix: str) -> None:
         if isinstance(node, dict):
             if "path" in node and "adapter" in node:
-                found.append((f"{prefix}path", node["path"], "model"))
+                found.append((f"{prefix}path", node["path"], "model", node.get("revision")))
                 if node["adapter"]:
-                    found.append((f"{prefix}adapter", node["adapter"], "adapter"))
+                    found.append((f"{prefix}adapter", node["adapter"], "adapter", None))
             elif "path" in node and "split" in node:
-                found.append((f"{prefix}path", node["path"], "data"))
+                found.append((f"{prefix}path", node["path"], "data", node.get("subset")))
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")
         elif isinstance(node, list):
@@ -59,7 +59,7 @@ def inputs_of(cfg: JobConfig) -> list[tuple[str, str, str]]:
 
     walk(cfg.model_dump(mode="json", by_alias=True), "")
     if cfg.anchor is not None:
-        found.append(("anchor.basis", cfg.anchor.basis, "basis"))
+        found.append(("anchor.basis", cfg.anchor.basis, "basis", None))
     return found
 
 
@@ -206,18 +206,18 @@ def check_inputs(cfg: JobConfig, command: str) -> None:
     """Raise ConfigError with one line per problem of the config's inputs and output folder."""
     found = inputs_of(cfg)
     problems = []
-    for key, value, kind in found:
+    for key, value, kind, detail in found:
         if kind in ("model", "adapter"):
-            problem = folder_problem(key, value, kind, cfg.model.revision if key == "model.path" else None)
+            problem = folder_problem(key, value, kind, detail)
         elif kind == "basis":
             problem = cfg.anchor.basis_problem()
             problem = f"anchor.basis: {problem}" if problem else None
         else:
-            problem = data_problem(key, value, _subset(cfg, key))
+            problem = data_problem(key, value, detail)
         if problem:
             problems.append(problem)
     out = cfg.output.dir
-    problems += overlap_problems("output.dir", out, [(k, local_value(v, kind)) for k, v, kind in found])
+    problems += overlap_problems("output.dir", out, [(k, local_value(v, kind)) for k, v, kind, _ in found])
     problem = writable_problem("output.dir", out)
     if problem:
         problems.append(problem)
@@ -227,11 +227,3 @@ def check_inputs(cfg: JobConfig, command: str) -> None:
     if problems:
         raise ConfigError(problems)
 
-
-def _subset(cfg: JobConfig, path_key: str) -> str | None:
-    node = cfg.model_dump(mode="json", by_alias=True)
-    import re
-    for part in path_key.split(".")[:-1]:
-        m = re.fullmatch(r"(.+)\[(\d+)\]", part)
-        node = node[m.group(1)][int(m.group(2))] if m else node[part]
-    return node.get("subset")
