@@ -13,7 +13,7 @@ from safebasin.safety_core.measure import plots
 METRICS = ("hrr", "prefill_asr", "task_accuracy", "task_loss")
 STAGE_TITLES = {"base": "base (task + compliance)", "aligned": "aligned (refusal training)",
                 "lora": "attack: LoRA, harmful mix", "asft": "attack: AsFT-anchored LoRA",
-                "l2": "control: L2 on the update", "aligned_control": "control: penalty in the span",
+                "l2": "control: L2 on the update", "aligned_control": "control: penalty inside span",
                 "restored": "LoRA + restoration"}
 # Task accuracies this close count as matched when AsFT is compared with its L2 control.
 MATCHED_ACCURACY = 0.02

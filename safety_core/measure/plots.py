@@ -48,8 +48,11 @@ def curves_plot(path, curves: Mapping[str, tuple[Sequence[float], Sequence[float
     (e.g. a trade-off frontier: every point one setting of a knob)."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
-    for name, (xs, ys, labels) in curves.items():
-        line, = ax.plot(xs, ys, marker="o", markersize=4, label=name)
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-")]
+    for i, (name, (xs, ys, labels)) in enumerate(curves.items()):
+        # Markers and dashes differ, so that curves lying on top of each other stay visible.
+        marker, dash = styles[i % len(styles)]
+        line, = ax.plot(xs, ys, marker=marker, linestyle=dash, markersize=6 - i % 3, label=name)
         for x, y, text in zip(xs, ys, labels):
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
                         color=line.get_color())
