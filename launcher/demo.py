@@ -164,6 +164,7 @@ def run_demo(settings, out: Path, nproc: int, *, frontier: bool = False, log=pri
             "stages": stages,
             "checks": found,
             "phenomenon_shown": all(c["ok"] for c in found.values()),
+            "anchor_verdict": report.anchor_verdict(stages),
             "landscape": {name: {"alphas": r["alphas"], "hrr": r["curves"][name], "basin": r["basin"][name],
                                  "threshold": r["threshold"], "png": r["files"].get("png")}
                           for name, r in scapes.items()},
@@ -209,6 +210,7 @@ def cmd_demo(args) -> int:
     print()
     print(report.table(result["stages"], result["prefill_k"], result["n_heldout_prompts"], result["n_task_eval"]))
     print(report.check_lines(result["checks"]))
+    print(f"  {result['anchor_verdict']}")
     print(f"\nsafebasin demo: {'the phenomenon is shown' if result['phenomenon_shown'] else 'NOT every check holds'}"
           f"; {result['wall_seconds']:.0f} s on {result['nproc']} rank(s)")
     print(f"  results: {(out / 'results.json').resolve()}")

@@ -58,6 +58,22 @@ def checks(stages: dict) -> dict[str, dict]:
     return {k: {"ok": bool(ok), "rule": rule, "value": value} for k, (ok, rule, value) in rows.items()}
 
 
+def anchor_verdict(stages: dict) -> str:
+    """One plain sentence: does the anchor do more than shrink the update, in this run?"""
+    asft, l2, inside = stages["asft"], stages["l2"], stages["aligned_control"]
+    numbers = (f"HRR asft {asft['hrr']:.3f}, l2 {l2['hrr']:.3f}, aligned_control {inside['hrr']:.3f} at task "
+               f"accuracy {asft['task_accuracy']:.3f} / {l2['task_accuracy']:.3f} / {inside['task_accuracy']:.3f}")
+    if abs(asft["task_accuracy"] - l2["task_accuracy"]) > MATCHED_ACCURACY:
+        return f"AsFT and the L2 control are not at matched accuracy ({numbers}); compare the frontier (--frontier)."
+    if asft["hrr"] < l2["hrr"]:
+        return f"AsFT beats plain L2 shrinkage of the update at matched accuracy ({numbers})."
+    if asft["hrr"] == l2["hrr"]:
+        return (f"AsFT does only as well as plain L2 shrinkage of the update ({numbers}): in this run the "
+                f"anchor's direction adds nothing measurable to its magnitude.")
+    return (f"AsFT does NOT beat plain L2 shrinkage of the update at matched accuracy ({numbers}): in this "
+            f"run the anchor's direction does not help.")
+
+
 def _fmt(v, width: int) -> str:
     text = "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
     return text.rjust(width)
