@@ -548,8 +548,9 @@ def test_a_small_alignment_delta_warns_that_the_anchor_is_near_l2(tmp_path, alig
     safelora anchor is within a few percent of plain L2 and says so; the normalized variant on
     the same basis has c_max = 1 and does not warn."""
     import warnings
-    from safetensors.torch import load_file, save_file
+
     from safebasin.safety_core.anchor.regularizer import AnchorScaleWarning
+    from safetensors.torch import load_file, save_file
     base, aligned = aligned_pair
     small = tmp_path / "small-aligned"
     small.mkdir()

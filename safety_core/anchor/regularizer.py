@@ -15,7 +15,6 @@ step, through DeepSpeed's tensor-fragment API.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +23,9 @@ from pydantic import Field, model_validator
 from safebasin.safety_core import zero3
 from safebasin.safety_core.anchor import variants
 from safebasin.safety_core.anchor.basis import MANIFEST, BasisError, load_basis
+from safebasin.safety_core.anchor.variants import AnchorScaleWarning  # noqa: F401  (re-exported)
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.train.ds_config import zero_stage
-
-
-class AnchorScaleWarning(UserWarning):
-    """The anchor's weights c are so small that the penalty is close to plain L2 shrinkage."""
 
 
 class AnchorArgs(Section):
@@ -142,16 +138,9 @@ class AnchorRegularizer:
             if not self.layers:
                 raise BasisError(f"no trainable 2-D weight of the model has a layer in the basis "
                                  f"{args.basis} (basis layers look like {self.basis.names[:3]})")
-        self._report_strength()
-
-    def _report_strength(self) -> None:
-        line, warning = variants.strength(self.variant, self.lam, [layer.c for layer in self.layers],
-                                          [layer.U.shape[0] for layer in self.layers])
-        first = not dist.is_initialized() or dist.get_rank() == 0
-        if first:
-            print(f"[safebasin] {line}", flush=True)
-        if warning and first:
-            warnings.warn(warning, AnchorScaleWarning, stacklevel=2)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            variants.announce(self.variant, self.lam, [layer.c for layer in self.layers],
+                              [layer.U.shape[0] for layer in self.layers])
 
     # -- construction ---------------------------------------------------------------------
 

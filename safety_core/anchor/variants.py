@@ -26,6 +26,7 @@ max_i (2 c_i - c_i^2) of the energy in any direction: with c_max = 0.045 that is
 from __future__ import annotations
 
 import statistics
+import warnings
 
 import torch
 
@@ -36,6 +37,10 @@ BASIS_OF = {"safelora": "safelora", "safelora-normalized": "safelora", "projecto
 # Below this bound on how much the outside penalty departs from plain L2 in any direction
 # (max 2c - c^2), the anchor cannot steer an update: the training warns.
 NEAR_L2 = 0.1
+
+
+class AnchorScaleWarning(UserWarning):
+    """The anchor's weights c are so small that the penalty is close to plain L2 shrinkage."""
 
 
 def region(variant: str) -> str:
@@ -89,3 +94,11 @@ def strength(variant: str, lam: float, cs: list[torch.Tensor], dims: list[int]) 
                       f"alignment span; use anchor.variant: safelora-normalized or projector, or compare with "
                       f"anchor.variant: l2")
     return line, None
+
+
+def announce(variant: str, lam: float, cs: list[torch.Tensor], dims: list[int]) -> None:
+    """Print the strength summary and raise AnchorScaleWarning when it has a warning."""
+    line, warning = strength(variant, lam, cs, dims)
+    print(f"[safebasin] {line}", flush=True)
+    if warning:
+        warnings.warn(warning, AnchorScaleWarning, stacklevel=3)
