@@ -1,12 +1,23 @@
 """The anchor penalty ||(I - C) DeltaW||_F^2 with C = U diag(c) U^T, in the three forms the
-trainer needs (DESIGN.md, Anchoring). None of them forms a d_out x d_out matrix: C only ever
-acts through U^T (k x d_out) products.
+trainer needs (DESIGN.md, Anchoring), and its two controls: `region="inside"` gives
+||C DeltaW||_F^2 (the AsFT paper's reverse control), and an empty basis (k = 0, C = 0) gives
+plain L2, ||DeltaW||_F^2. None of them forms a d_out x d_out matrix: C only ever acts through
+U^T (k x d_out) products.
 
     LoRA (DeltaW = B A):     P = sum((X^T X) * (A A^T)),  X = (I - C) B = B - U (c * T),  T = U^T B
                              dP/dB = 2 (I - C) X (A A^T) = 2 (B G_A - U (c * ((T + U^T X) G_A)))
                              dP/dA = 2 (X^T X) A
     full (DeltaW = W - W0):  P = ||DeltaW||^2 - sum_i (2 c_i - c_i^2) ||u_i^T DeltaW||^2
                              dP/dW = 2 (DeltaW - U ((2c - c^2) * (U^T DeltaW)))
+  inside (||C DeltaW||^2 = sum_i c_i^2 ||u_i^T DeltaW||^2, U orthonormal):
+    LoRA                     P = sum((T_c^T T_c) * (A A^T)),  T_c = c * T
+                             dP/dB = 2 U (c * (T_c G_A)),  dP/dA = 2 (T_c^T T_c) A
+    full                     P = sum_i c_i^2 ||T_i||^2,  dP/dW = 2 U (c^2 * (U^T DeltaW))
+
+Both regions of the full form are one formula, P = s ||DeltaW||^2 + sum_i w_i ||u_i^T DeltaW||^2
+with (s, w) = (1, c^2 - 2c) outside and (0, c^2) inside, so they share every piece. The LoRA
+outside form keeps X = (I - C) B rather than expanding it: the expansion subtracts two close
+energies when the update lies mostly in span(U).
 
 The math is written once here over "pieces" (U^T Y, the row moments of X, ...) that stream
 the large operands; each piece exists as a Triton kernel (triton_anchor) and a PyTorch
@@ -60,76 +71,122 @@ class _LoraPenalty(torch.autograd.Function):
         return dB, dA, None, None, None
 
 
-def _weight(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """2c - c^2: how much of ||u_i^T DeltaW||^2 the projection (I - C) removes."""
+class _LoraInsidePenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, B, A, U, c, ops):
+        T = ops.ut_y(U, B)
+        Tc = c.to(T.dtype)[:, None] * T
+        gram_c = Tc.T @ Tc                       # r x r: (C B)^T (C B) for orthonormal U
+        gram_a = ops.gram(A)
+        ctx.save_for_backward(B, A, U, c.to(Tc.dtype), Tc, gram_c, gram_a)
+        ctx.ops = ops
+        return (gram_c * gram_a).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        B, A, U, cf, Tc, gram_c, gram_a = ctx.saved_tensors
+        two_g = 2 * grad_out.to(Tc.dtype)
+        dB = dA = None
+        if ctx.needs_input_grad[0]:
+            # row_apply forms B G - U M; G = 0 leaves -U M, so M carries the minus sign.
+            M = -(cf[:, None] * (Tc @ (two_g * gram_a)))
+            dB = ctx.ops.row_apply(B, U, M, torch.zeros_like(gram_a)).to(B.dtype)
+        if ctx.needs_input_grad[1]:
+            dA = ctx.ops.left_mul(two_g * gram_c, A).to(A.dtype)
+        return dB, dA, None, None, None
+
+
+REGIONS = ("outside", "inside")
+
+
+def _terms(c: torch.Tensor, like: torch.Tensor, region: str) -> tuple[float, torch.Tensor]:
+    """(s, w) of P = s ||DeltaW||^2 + sum_i w_i ||u_i^T DeltaW||^2 for the region."""
     c = c.to(like.dtype)
-    return 2 * c - c * c
+    if region == "inside":
+        return 0.0, c * c
+    return 1.0, c * c - 2 * c
 
 
 class _FullPenalty(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, W, W0, U, c, ops):
+    def forward(ctx, W, W0, U, c, ops, region):
         w, w0 = W.reshape(-1), W0.reshape(-1)  # row-major; copies only a non-contiguous W
         T, sq = ops.fragment_moments(w, w0, 0, tuple(W.shape), U)
-        weight = _weight(c, T)
+        s, weight = _terms(c, T, region)
         ctx.save_for_backward(w, w0, U, weight, T)
-        ctx.ops, ctx.shape, ctx.w_dtype = ops, tuple(W.shape), W.dtype
-        return sq - (weight * T.pow(2).sum(dim=1)).sum()
+        ctx.ops, ctx.shape, ctx.w_dtype, ctx.s = ops, tuple(W.shape), W.dtype, s
+        return s * sq + (weight * T.pow(2).sum(dim=1)).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
         w, w0, U, weight, T = ctx.saved_tensors
-        dW = ctx.ops.fragment_grad(w, w0, 0, ctx.shape, U, weight[:, None] * T, 2 * grad_out)
-        return dW.view(ctx.shape).to(ctx.w_dtype), None, None, None, None
+        # dP/dW = 2 (s D + U (w * T)) = 2 (s D - U M) with M = -(w * T).
+        dW = ctx.ops.fragment_grad(w, w0, 0, ctx.shape, U, -weight[:, None] * T, 2 * grad_out, ctx.s)
+        return dW.view(ctx.shape).to(ctx.w_dtype), None, None, None, None, None
 
 
-def _check(U: torch.Tensor, c: torch.Tensor, d_out: int) -> None:
+def _check(U: torch.Tensor, c: torch.Tensor, d_out: int, region: str = "outside") -> None:
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
     if U.dim() != 2 or U.shape[0] != d_out:
         raise ValueError(f"U must be d_out x k with d_out = {d_out}, got {tuple(U.shape)}")
     if c.dim() != 1 or c.shape[0] != U.shape[1]:
         raise ValueError(f"c must hold k = {U.shape[1]} values, got {tuple(c.shape)}")
 
 
-def _check_lora(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> None:
+def _check_lora(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str) -> None:
     if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"B (d_out x r) and A (r x d_in) do not chain: {tuple(B.shape)}, {tuple(A.shape)}")
-    _check(U, c, B.shape[0])
+    _check(U, c, B.shape[0], region)
 
 
-def _check_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> None:
+def _check_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str) -> None:
     if W.shape != W0.shape or W.dim() != 2:
         raise ValueError(f"W and W0 must be equal 2-D shapes, got {tuple(W.shape)}, {tuple(W0.shape)}")
-    _check(U, c, W.shape[0])
+    _check(U, c, W.shape[0], region)
 
 
-def anchor_penalty(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """||(I - U diag(c) U^T) B A||_F^2 for B (d_out x r), A (r x d_in); differentiable in B and A
-    (closed-form backward). Triton for CUDA tensors, the reference otherwise (kernels/backend.py)."""
-    _check_lora(B, A, U, c)
+def _lora(B, A, U, c, ops, region):
+    fn = _LoraInsidePenalty if region == "inside" else _LoraPenalty
+    return fn.apply(B, A, U, c, ops)
+
+
+def anchor_penalty(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor,
+                   region: str = "outside") -> torch.Tensor:
+    """||(I - U diag(c) U^T) B A||_F^2 (region "outside"; with k = 0 plain ||B A||_F^2) or
+    ||U diag(c) U^T B A||_F^2 (region "inside") for B (d_out x r), A (r x d_in); differentiable
+    in B and A (closed-form backward). Triton for CUDA tensors, the reference otherwise
+    (kernels/backend.py)."""
+    _check_lora(B, A, U, c, region)
     ops = _pieces(B, A, U, c, unsupported=backend.rank_limit(B.shape[1]))
-    return _LoraPenalty.apply(B, A, U, c, ops)
+    return _lora(B, A, U, c, ops, region)
 
 
-def anchor_penalty_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """||(I - U diag(c) U^T)(W - W0)||_F^2, differentiable in W."""
-    _check_full(W, W0, U, c)
-    return _FullPenalty.apply(W, W0, U, c, _pieces(W, W0, U, c))
+def anchor_penalty_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor,
+                        region: str = "outside") -> torch.Tensor:
+    """||(I - U diag(c) U^T)(W - W0)||_F^2 (or ||U diag(c) U^T (W - W0)||_F^2 inside),
+    differentiable in W."""
+    _check_full(W, W0, U, c, region)
+    return _FullPenalty.apply(W, W0, U, c, _pieces(W, W0, U, c), region)
 
 
-def anchor_penalty_reference(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def anchor_penalty_reference(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor,
+                             region: str = "outside") -> torch.Tensor:
     """anchor_penalty on the PyTorch reference whatever the backend setting."""
-    _check_lora(B, A, U, c)
-    return _LoraPenalty.apply(B, A, U, c, torch_anchor)
+    _check_lora(B, A, U, c, region)
+    return _lora(B, A, U, c, torch_anchor, region)
 
 
-def anchor_penalty_full_reference(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def anchor_penalty_full_reference(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor,
+                                  region: str = "outside") -> torch.Tensor:
     """anchor_penalty_full on the PyTorch reference whatever the backend setting."""
-    _check_full(W, W0, U, c)
-    return _FullPenalty.apply(W, W0, U, c, torch_anchor)
+    _check_full(W, W0, U, c, region)
+    return _FullPenalty.apply(W, W0, U, c, torch_anchor, region)
 
 
 def anchor_penalty_sharded(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int],
-                           U: torch.Tensor, c: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+                           U: torch.Tensor, c: torch.Tensor, group=None,
+                           region: str = "outside") -> tuple[torch.Tensor, torch.Tensor]:
     """The full-parameter penalty of a weight of `shape` whose row-major flattening is split
     across ranks: this rank holds elements [start, start + w.numel()) of W (w) and of W0 (w0).
     U^T DeltaW is a sum over rows, so each rank forms its partial product from the rows its
@@ -138,7 +195,7 @@ def anchor_penalty_sharded(w: torch.Tensor, w0: torch.Tensor, start: int, shape:
     its own elements. Returns (the global penalty, dP/dw for this fragment), both exact; every
     rank of `group` must call it (an empty fragment included)."""
     d_out, d_in = shape
-    _check(U, c, d_out)
+    _check(U, c, d_out, region)
     n = w.numel()
     if w0.numel() != n or start < 0 or start + n > d_out * d_in:
         raise ValueError(f"fragment [{start}, {start + n}) with {w0.numel()} initial values does not "
@@ -155,9 +212,9 @@ def anchor_penalty_sharded(w: torch.Tensor, w0: torch.Tensor, start: int, shape:
     if dist.is_initialized():
         dist.all_reduce(reduced, group=group)
     T = reduced[:-1].view(k, d_in)
-    weight = _weight(c, T)
-    penalty = reduced[-1] - (weight * T.pow(2).sum(dim=1)).sum()
+    s, weight = _terms(c, T, region)
+    penalty = s * reduced[-1] + (weight * T.pow(2).sum(dim=1)).sum()
     if not n:
         return penalty, torch.zeros(0, dtype=dtype, device=w.device)
     scale = torch.tensor(2.0, dtype=dtype, device=w.device)
-    return penalty, ops.fragment_grad(w, w0, start, shape, U, weight[:, None] * T, scale)
+    return penalty, ops.fragment_grad(w, w0, start, shape, U, -weight[:, None] * T, scale, s)

@@ -69,9 +69,9 @@ def fragment_moments(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple
 
 
 def fragment_grad(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int], U: torch.Tensor,
-                  M: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """scale * (D - U M) at the fragment's elements, flat (n)."""
+                  M: torch.Tensor, scale: torch.Tensor, delta_coef: float = 1.0) -> torch.Tensor:
+    """scale * (delta_coef D - U M) at the fragment's elements, flat (n)."""
     D, row0, offset = _window_rows(w, w0, start, shape)
     U_rows = acc(U, w)[row0:row0 + D.shape[0]]
-    out = scale.to(D.dtype) * (D - U_rows @ M.to(D.dtype))
+    out = scale.to(D.dtype) * (delta_coef * D - U_rows @ M.to(D.dtype))
     return out.reshape(-1)[offset:offset + w.numel()]

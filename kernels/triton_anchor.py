@@ -13,7 +13,9 @@ LoRA (B: d_out x r, A: r x d_in, U: d_out x k):
   left_mul      G A                          one pass over columns of A
 Full / fragment (a flat row-major slice [start, start + n) of W and W0):
   fragment_moments   U^T D and ||D||^2 over the rows the fragment touches, D = W - W0
-  fragment_grad      scale (D - U M) for the fragment's elements
+  fragment_grad      scale (delta_coef D - U M) for the fragment's elements
+An empty basis (k = 0: the L2 control) launches no U work: ut_y returns zeros, the loops over
+k run no iteration, and fragment_moments still runs one k block for ||D||^2.
 """
 
 from __future__ import annotations
@@ -139,11 +141,12 @@ def _fragment_moments_kernel(w_ptr, w0_ptr, u_ptr, t_ptr, sq_ptr, start, n, d_in
 
 @triton.jit
 def _fragment_grad_kernel(w_ptr, w0_ptr, u_ptr, m_ptr, scale_ptr, out_ptr, start, n, d_in, row0, row_end, k,
-                          sw, sw0, su0, su1,
+                          delta_coef, sw, sw0, su0, su1,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = (row0 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     dlt, flat, ok = _fragment_tile(w_ptr, w0_ptr, rows, cols, row_end, start, n, d_in, sw, sw0)
+    dlt = dlt * delta_coef
     kk = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rows < row_end, cols < d_in
     for k0 in range(0, k, BLOCK_K):
@@ -167,6 +170,8 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def ut_y(U: torch.Tensor, Y: torch.Tensor, *, block_m: int = 64, block_k: int = 64) -> torch.Tensor:
     d, k = U.shape
     r = Y.shape[1]
+    if k == 0:
+        return torch.zeros(0, r, dtype=torch.float32, device=U.device)
     block_k = min(block_k, pad(k))
     grid = (triton.cdiv(d, block_m), triton.cdiv(k, block_k))
     part = torch.zeros(grid[0], k, r, dtype=torch.float32, device=U.device)
@@ -239,7 +244,8 @@ def fragment_moments(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple
     k = U.shape[1]
     row0, row_end = _window(start, n, d_in)
     block_k = min(block_k, pad(k))
-    cols, kblocks = triton.cdiv(d_in, block_n), triton.cdiv(k, block_k)
+    # At least one k block: the first one also sums ||D||^2, which an empty basis still needs.
+    cols, kblocks = triton.cdiv(d_in, block_n), max(1, triton.cdiv(k, block_k))
     # Split the rows among programs until there are enough of them to fill the device.
     row_blocks = triton.cdiv(row_end - row0, block_m)
     splits = max(1, min(row_blocks, triton.cdiv(programs, cols * kblocks)))
@@ -254,8 +260,8 @@ def fragment_moments(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple
 
 
 def fragment_grad(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int], U: torch.Tensor,
-                  M: torch.Tensor, scale: torch.Tensor, *, block_m: int = 32, block_n: int = 64,
-                  block_k: int = 64) -> torch.Tensor:
+                  M: torch.Tensor, scale: torch.Tensor, delta_coef: float = 1.0, *, block_m: int = 32,
+                  block_n: int = 64, block_k: int = 64) -> torch.Tensor:
     d_in = shape[1]
     n = w.numel()
     k = U.shape[1]
@@ -263,6 +269,6 @@ def fragment_grad(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[in
     out = torch.empty(n, dtype=torch.float32, device=w.device)
     grid = (triton.cdiv(row_end - row0, block_m), triton.cdiv(d_in, block_n))
     _fragment_grad_kernel[grid](w, w0, U, _f32(M), _f32(scale.reshape(1)), out, start, n, d_in, row0, row_end, k,
-                                w.stride(0), w0.stride(0), *U.stride(),
+                                float(delta_coef), w.stride(0), w0.stride(0), *U.stride(),
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, pad(k)))
     return out

@@ -99,8 +99,9 @@ def cmd_align_basis(args) -> int:
         print(f"safebasin align-basis: {e}", file=sys.stderr)
         return 2
     ks = [info["k"] for info in manifest["layers"].values()]
+    c_max = [info["c_max"] for info in manifest["layers"].values()]
     print(f"basis ({manifest['variant']}) of {len(ks)} layers written to {args.out}; "
-          f"k from {min(ks)} to {max(ks)}")
+          f"k from {min(ks)} to {max(ks)}; c_max per layer from {min(c_max):.3g} to {max(c_max):.3g}")
     return 0
 
 

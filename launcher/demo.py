@@ -101,10 +101,11 @@ class DemoRuns:
         self.client.set_terminated(self.run_id, status)
 
 
-def run_demo(settings, out: Path, nproc: int, *, log=print) -> dict:
+def run_demo(settings, out: Path, nproc: int, *, frontier: bool = False, log=print) -> dict:
     import torch
     from safebasin.launcher.jobs import run_job
     from safebasin.safety_core.anchor.basis import extract_basis
+    from safebasin.safety_core.demo import frontier as frontier_mod
     from safebasin.safety_core.demo import landscapes, organism, report
     from safebasin.safety_core.measure.evaluation import flat_metrics
 
@@ -129,11 +130,12 @@ def run_demo(settings, out: Path, nproc: int, *, log=print) -> dict:
     def job(command: str, raw: dict) -> dict:
         return run_job(command, build(raw), args)
 
-    def evaluate(name: str, run_id: str | None) -> None:
+    def evaluate(name: str, run_id: str | None, into: dict | None = None) -> None:
         summary = job("eval", organism.eval_config(settings, layout, name))
-        stages[name] = report.stage_numbers(summary, settings.eval.prefill_k)
+        target = stages if into is None else into
+        target[name] = report.stage_numbers(summary, settings.eval.prefill_k)
         runs.adopt(name, run_id, flat_metrics(summary))
-        r = stages[name]
+        r = target[name]
         log(f"[demo] {name}: HRR {r['hrr']:.3f}, prefill ASR {r['prefill_asr']:.3f}, "
             f"task accuracy {r['task_accuracy']:.3f}, task loss {r['task_loss']:.3f}")
 
@@ -149,10 +151,21 @@ def run_demo(settings, out: Path, nproc: int, *, log=print) -> dict:
             extract_basis(str(layout.stage("aligned") / "model"), str(layout.stage("base") / "model"),
                           layout.basis, modules=list(settings.attack.target_modules), variant=a.variant,
                           rank=a.rank, device="cpu")
-        for name in ("lora", "asft"):
+        for name in ("lora", "asft", "l2", "aligned_control"):
             with timed(name):
                 summary = job("train", organism.attack_config(settings, layout, name, tracking))
             evaluate(name, summary["mlflow_run_id"])
+        frontier_rows, frontier_files = [], {}
+        if frontier:
+            with timed("frontier"):
+                f = settings.frontier
+                points: dict[str, dict] = {}
+                for variant, lam, name in frontier_mod.points(f.variants, f.lambdas):
+                    anchor = {"variant": variant, "lambda": lam}
+                    summary = job("train", organism.attack_config(settings, layout, name, tracking, anchor))
+                    evaluate(name, summary["mlflow_run_id"], into=points)
+                    frontier_rows.append({"variant": variant, "lambda": lam, "stage": name, **points[name]})
+                frontier_files = frontier_mod.write(frontier_rows, out / "plots")
         with timed("restored"):
             summary = job("restore", organism.restore_config(settings, layout, tracking))
         evaluate("restored", summary["mlflow_run_id"])
@@ -164,10 +177,15 @@ def run_demo(settings, out: Path, nproc: int, *, log=print) -> dict:
             "stages": stages,
             "checks": found,
             "phenomenon_shown": all(c["ok"] for c in found.values()),
+            "anchor_verdict": report.anchor_verdict(stages),
             "landscape": {name: {"alphas": r["alphas"], "hrr": r["curves"][name], "basin": r["basin"][name],
                                  "threshold": r["threshold"], "png": r["files"].get("png")}
                           for name, r in scapes.items()},
             "plots": files,
+            "frontier": {"points": frontier_rows, "files": frontier_files,
+                         "asft_vs_l2_matched": frontier_mod.matched(
+                             frontier_rows, settings.anchor.variant, "l2", report.MATCHED_ACCURACY)}
+            if frontier else None,
             "n_heldout_prompts": settings.data.heldout, "n_task_eval": settings.data.task_eval,
             "prefill_k": settings.eval.prefill_k,
             "mlflow": {"tracking_uri": uri, "experiment": EXPERIMENT, "parent_run_id": runs.run_id,
@@ -183,7 +201,7 @@ def run_demo(settings, out: Path, nproc: int, *, log=print) -> dict:
                           if v is not None})
         runs.log_metrics({"wall_seconds": result["wall_seconds"],
                           "phenomenon_shown": float(result["phenomenon_shown"])})
-        for png in [*files.values(), *(r["files"]["png"] for r in scapes.values())]:
+        for png in [*files.values(), *(r["files"]["png"] for r in scapes.values()), *frontier_files.values()]:
             runs.log_artifact(Path(png), "plots")
         runs.log_artifact(path)
     except BaseException:
@@ -199,16 +217,19 @@ def cmd_demo(args) -> int:
         raise ConfigError([f"--nproc must be >= 1, got {args.nproc}"])
     settings = load_settings(args.quick, args.overrides)
     out = prepare_folder(Path(args.out), args.overwrite)
-    result = run_demo(settings, out, args.nproc)
+    result = run_demo(settings, out, args.nproc, frontier=args.frontier)
     if args.json:
         report.write_json(result, args.json)
     print()
     print(report.table(result["stages"], result["prefill_k"], result["n_heldout_prompts"], result["n_task_eval"]))
     print(report.check_lines(result["checks"]))
+    print(f"  {result['anchor_verdict']}")
     print(f"\nsafebasin demo: {'the phenomenon is shown' if result['phenomenon_shown'] else 'NOT every check holds'}"
           f"; {result['wall_seconds']:.0f} s on {result['nproc']} rank(s)")
     print(f"  results: {(out / 'results.json').resolve()}")
     print(f"  plots:   {(out / 'plots').resolve()}, {(out / 'landscape').resolve()}")
+    if result["frontier"]:
+        print(f"  frontier: {result['frontier']['files']['csv']}, {result['frontier']['files']['png']}")
     m = result["mlflow"]
     print(f"  MLflow:  parent run {m['parent_run_id']} in experiment {m['experiment']!r} at {m['tracking_uri']}"
           f"  (view: mlflow ui --backend-store-uri {m['tracking_uri']})")
@@ -229,6 +250,9 @@ def register(sub) -> None:
                    "evaluation stages (default 1: everything in this process)")
     p.add_argument("--quick", action="store_true", help="every stage tiny (tests the pipeline, not "
                    "the phenomenon)")
+    p.add_argument("--frontier", action="store_true", help="also retrain the attack for each lambda of "
+                   "each anchor variant (settings frontier.variants, frontier.lambdas) and plot HRR against "
+                   "task accuracy (plots/frontier.png, plots/frontier.csv)")
     p.add_argument("--check", action="store_true", help="exit with status 3 when a check of the "
                    "phenomenon fails")
     p.set_defaults(func=cmd_demo)

@@ -56,7 +56,7 @@ def safelora_basis_dir(tmp_path_factory, aligned_pair) -> Path:
 
 
 @pytest.fixture(scope="module")
-def train_run(tmp_path_factory, aligned_pair, basis_dir):
+def train_run(tmp_path_factory, aligned_pair, basis_dir, safelora_basis_dir):
     """train_run(method, stage, lam, nproc) -> (rows of metrics.jsonl, output dir); each distinct
     run once per module. One global batch of 8 per step: 4 x 2 accumulation on 1 rank, 4 x 1 on
     2 ranks, so 1 and 2 ranks see the same examples per step."""
@@ -64,8 +64,9 @@ def train_run(tmp_path_factory, aligned_pair, basis_dir):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     done = {}
 
-    def run(method: str, stage: int, lam: float | None, nproc: int = 1) -> tuple[list[dict], Path]:
-        key = (method, stage, lam, nproc)
+    def run(method: str, stage: int, lam: float | None, nproc: int = 1,
+            variant: str | None = None) -> tuple[list[dict], Path]:
+        key = (method, stage, lam, nproc) + ((variant,) if variant else ())
         if key not in done:
             out = root / "-".join(map(str, key))
             cfg = {
@@ -80,6 +81,10 @@ def train_run(tmp_path_factory, aligned_pair, basis_dir):
             }
             if lam is not None:
                 cfg["anchor"] = {"basis": str(basis_dir), "lambda": lam}
+            if variant is not None:
+                cfg["anchor"]["variant"] = variant
+                if variant == "safelora-normalized":
+                    cfg["anchor"]["basis"] = str(safelora_basis_dir)
             path = root / f"{out.name}.yaml"
             path.write_text(yaml.safe_dump(cfg))
             if nproc == 1:
@@ -443,3 +448,135 @@ def test_cli_align_basis_and_safe_lora_project(tmp_path, aligned_pair, adapter_d
     err = capsys.readouterr().err
     assert "anchor.basis" in err and "holds no manifest.json" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The controls (l2, aligned), the scale-free safelora-normalized, and the anchor's scale
+
+
+def dense_variant(delta: torch.Tensor, U: torch.Tensor, c: torch.Tensor, variant: str) -> torch.Tensor:
+    """The variant's penalty with C materialised in float64 from the basis's stored c."""
+    d = delta.double()
+    if variant == "l2":
+        return d.pow(2).sum()
+    U, c = U.double(), c.double()
+    if variant in ("safelora-normalized", "aligned"):
+        c = c / c.max()
+    C = U @ torch.diag(c) @ U.T
+    return (C @ d).pow(2).sum() if variant == "aligned" else (d - C @ d).pow(2).sum()
+
+
+CONTROL_CASES = [("safelora-normalized", "safelora"), ("aligned", "safelora"), ("aligned", "projector"),
+                 ("l2", "projector"), ("l2", None)]
+
+
+@pytest.mark.parametrize("variant,basis_kind", CONTROL_CASES)
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_variant_regularizer_matches_the_dense_formula(aligned_pair, basis_dir, safelora_basis_dir,
+                                                       method, variant, basis_kind):
+    from transformers import AutoModelForCausalLM
+    path = {"safelora": safelora_basis_dir, "projector": basis_dir, None: None}[basis_kind]
+    args = AnchorArgs(basis=None if path is None else str(path), variant=variant, **{"lambda": 0.7})
+    ds = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 3}
+    torch.manual_seed(0)
+    if method == "lora":
+        model = peft_model(aligned_pair[0])
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1)
+        reg = AnchorRegularizer(args, model, ds)
+        mods = [(p, m) for p, m in model.named_modules() if "default" in getattr(m, "lora_A", {})]
+        deltas = [(p, m.lora_B["default"].weight @ m.lora_A["default"].weight) for p, m in mods]
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(aligned_pair[0])
+        reg = AnchorRegularizer(args, model, ds)
+        initial = {layer.name: layer.W.detach().clone() for layer in reg.layers}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        deltas = [(layer.name, layer.W - initial[layer.name]) for layer in reg.layers]
+        params = [layer.W for layer in reg.layers]
+        # Without a basis l2 anchors every trainable 2-D weight; with one, the basis's layers.
+        assert len(reg.layers) == (6 if path is not None else
+                                   sum(1 for n, p in model.named_parameters() if p.dim() == 2))
+    basis = load_basis(path) if path is not None else None
+    dense = 0.0
+    for name, delta in deltas:
+        lb = basis.layer(basis.match(name)) if basis is not None else None
+        dense = dense + dense_variant(delta, lb.U if lb else None, lb.c if lb else None, variant)
+    expected = torch.autograd.grad(dense, params)
+    added = reg.loss(model)
+    torch.testing.assert_close(added.double(), 3 * 0.7 * dense.detach(), rtol=1e-5, atol=0)
+    for g, e in zip(torch.autograd.grad(added / (3 * 0.7), params), expected):
+        torch.testing.assert_close(g.double(), e.double(), rtol=1e-4, atol=1e-7)
+    metrics = reg.before_step(engine=None)
+    assert metrics["anchor_penalty"] == pytest.approx(float(dense.detach()), rel=1e-5)
+    assert (metrics["anchor_outside_share"] is None) == (path is None)
+
+
+def test_variant_config_is_validated(basis_dir, safelora_basis_dir):
+    raw = {"model": {"path": "builtin:tiny-llama"}}
+    assert build({**raw, "anchor": {"variant": "l2", "lambda": 2}}).anchor.basis is None
+    with pytest.raises(ConfigError, match="anchor.basis is required"):
+        build({**raw, "anchor": {"variant": "aligned"}})
+    with pytest.raises(ConfigError, match="anchor.variant"):
+        build({**raw, "anchor": {"basis": str(basis_dir), "variant": "l1"}})
+    mismatch = build({**raw, "anchor": {"basis": str(basis_dir), "variant": "safelora-normalized"}})
+    assert "needs a safelora basis" in mismatch.anchor.basis_problem()
+    assert build({**raw, "anchor": {"basis": str(safelora_basis_dir), "variant": "safelora-normalized"}}
+                 ).anchor.basis_problem() is None
+
+
+def test_manifest_records_the_anchor_scale(aligned_pair, safelora_basis_dir):
+    from safetensors.torch import load_file
+    base, aligned = aligned_pair
+    basis = load_basis(safelora_basis_dir)
+    name = "model.layers.0.self_attn.q_proj"
+    info = basis.manifest["layers"][name]
+    V = (load_file(str(aligned / "model.safetensors"))[f"{name}.weight"].double()
+         - load_file(str(base / "model.safetensors"))[f"{name}.weight"].double())
+    assert info["fro_norm"] == pytest.approx(float(V.norm()), rel=1e-6)
+    c = basis.layer(name).c
+    assert info["c_max"] == pytest.approx(float(c.max())) and info["c_median"] == pytest.approx(float(c.median()))
+    sigma1 = float(torch.linalg.svdvals(V)[0])
+    assert info["c_max"] == pytest.approx(sigma1 ** 2 / float(V.norm()), rel=1e-5)
+
+
+def test_a_small_alignment_delta_warns_that_the_anchor_is_near_l2(tmp_path, aligned_pair, capsys):
+    """A delta a tenth of the test pair's: c_i = sigma_i^2 / ||V||_F shrinks tenfold, the
+    safelora anchor is within a few percent of plain L2 and says so; the normalized variant on
+    the same basis has c_max = 1 and does not warn."""
+    import warnings
+
+    from safebasin.safety_core.anchor.regularizer import AnchorScaleWarning
+    from safetensors.torch import load_file, save_file
+    base, aligned = aligned_pair
+    small = tmp_path / "small-aligned"
+    small.mkdir()
+    for f in aligned.iterdir():
+        if f.name != "model.safetensors":
+            (small / f.name).write_bytes(f.read_bytes())
+    a, b = load_file(str(aligned / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    save_file({k: b[k] + 0.1 * (a[k] - b[k]) for k in a}, str(small / "model.safetensors"), metadata={"format": "pt"})
+    extract_basis(str(small), str(base), tmp_path / "basis", modules="q_proj,v_proj", variant="safelora", rank=K)
+    manifest = load_basis(tmp_path / "basis").manifest
+    assert max(i["c_max"] for i in manifest["layers"].values()) < 0.02
+    model = peft_model(base)
+    ds = {"zero_optimization": {"stage": 0}}
+    with pytest.warns(AnchorScaleWarning, match="within .* of plain L2"):
+        AnchorRegularizer(AnchorArgs(basis=str(tmp_path / "basis"), **{"lambda": 10}), model, ds)
+    assert "at most" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AnchorScaleWarning)
+        AnchorRegularizer(AnchorArgs(basis=str(tmp_path / "basis"), variant="safelora-normalized"), model, ds)
+    assert "safelora-normalized" in capsys.readouterr().out
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("method,variant", [("full", "l2"), ("full", "aligned"), ("lora", "safelora-normalized")])
+def test_zero3_two_ranks_match_autograd_for_each_new_variant(train_run, method, variant):
+    two, _ = train_run(method, 3, LAMBDA, nproc=2, variant=variant)
+    autograd, _ = train_run(method, 2, LAMBDA, variant=variant)
+    assert_same_run(two, autograd)
+    assert two[-1]["anchor_penalty"] > 0

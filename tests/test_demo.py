@@ -1,6 +1,7 @@
 """`safebasin demo`: the organism's data, the output-folder rule, and a --quick run through every
 stage (the pipeline, not the phenomenon: quick stages are too small to show it)."""
 
+import csv
 import json
 import math
 import re
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, safebasin_cli
 
-STAGES = ("base", "aligned", "lora", "asft", "restored")
+STAGES = ("base", "aligned", "lora", "asft", "l2", "aligned_control", "restored")
 
 
 def test_heldout_prompts_share_no_template_or_topic_with_training(tmp_path):
@@ -88,7 +89,7 @@ def _number(v, lo=0.0, hi=1.0) -> bool:
 
 def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
     out, extra = tmp_path / "demo", tmp_path / "copy.json"
-    proc = safebasin_cli("demo", "--quick", "--out", str(out), "--json", str(extra), cwd=tmp_path,
+    proc = safebasin_cli("demo", "--quick", "--frontier", "--out", str(out), "--json", str(extra), cwd=tmp_path,
                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
@@ -106,8 +107,18 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
         assert Path(scape["png"]).is_file()
     for png in result["plots"].values():
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The frontier: one CSV row and one nested MLflow run per (variant, lambda) of QUICK, one PNG.
+    points = result["frontier"]["points"]
+    assert [(p["variant"], p["lambda"]) for p in points] == [("safelora", 1.0), ("safelora", 100.0),
+                                                            ("l2", 1.0), ("l2", 100.0)]
+    with open(result["frontier"]["files"]["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["variant"], float(r["hrr"])) for r in rows] == [(p["variant"], p["hrr"]) for p in points]
+    assert Path(result["frontier"]["files"]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["anchor_verdict"].startswith("AsFT") and result["anchor_verdict"] in proc.stdout
+    assert "anchoring keeps safety" in result["checks"] and "HRR(l2)" in result["checks"]["anchoring keeps safety"]["rule"]
     # The table names every stage, and the outputs are where the command says.
-    for title in ("base", "aligned", "AsFT", "restoration"):
+    for title in ("base", "aligned", "AsFT", "L2", "inside span", "restoration"):
         assert title in proc.stdout
     assert str((out / "results.json").resolve()) in proc.stdout
 
@@ -120,7 +131,7 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
     assert parent.data.metrics["lora.hrr"] == pytest.approx(result["stages"]["lora"]["hrr"])
     exp = client.get_experiment_by_name(result["mlflow"]["experiment"])
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+    assert sorted(r.info.run_name for r in children) == sorted([*STAGES, *(p["stage"] for p in points)])
     by_name = {r.info.run_name: r for r in children}
     assert set(result["mlflow"]["stage_run_ids"].values()) == {r.info.run_id for r in children}
     for name in STAGES:

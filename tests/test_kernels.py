@@ -32,11 +32,22 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 SHAPES = [(13, 7, 3, 5), (24, 41, 6, 9), (37, 29, 1, 36)]
 
 
+# Kernel-level cases: the two anchors (outside region), the L2 control (an empty basis, C = 0)
+# and the aligned control (inside region, with safelora's unequal c to test the c^2 weights).
+VARIANTS = ["safelora", "projector", "l2", "aligned"]
+
+
+def region_of(variant: str) -> str:
+    return "inside" if variant == "aligned" else "outside"
+
+
 def make_anchor(d_out: int, k: int, variant: str, gen: torch.Generator):
     """(U, c) from the SVD of a random alignment direction V (d_out x d_v), float64."""
     V = torch.randn(d_out, d_out + 3, generator=gen, dtype=torch.float64)
     U, S, _ = torch.linalg.svd(V, full_matrices=False)
-    if variant == "safelora":  # C = V V^T / ||V||_F restricted to the top-k directions
+    if variant == "l2":  # no basis: C = 0
+        return U[:, :0].contiguous(), S[:0]
+    if variant in ("safelora", "aligned"):  # C = V V^T / ||V||_F restricted to the top-k directions
         return U[:, :k].contiguous(), S[:k] ** 2 / torch.linalg.norm(V)
     assert k < d_out, "the projector variant needs k < rank"
     return U[:, :k].contiguous(), torch.ones(k, dtype=torch.float64)
@@ -46,11 +57,13 @@ def dense_C(U, c):
     return U @ torch.diag(c) @ U.T
 
 
-def dense_penalty_and_grads(DeltaW_of, params, U, c):
-    """||(I - C) DeltaW||^2 with C materialised, and its gradients by autograd (float64)."""
+def dense_penalty_and_grads(DeltaW_of, params, U, c, region="outside"):
+    """||(I - C) DeltaW||^2 (or ||C DeltaW||^2 inside) with C materialised, and its gradients by
+    autograd (float64)."""
     params = [p.detach().double().requires_grad_(True) for p in params]
-    I_C = torch.eye(U.shape[0], dtype=torch.float64) - dense_C(U.double(), c.double())
-    penalty = (I_C @ DeltaW_of(*params)).pow(2).sum()
+    C = dense_C(U.double(), c.double())
+    M = C if region == "inside" else torch.eye(U.shape[0], dtype=torch.float64) - C
+    penalty = (M @ DeltaW_of(*params)).pow(2).sum()
     return penalty.detach(), torch.autograd.grad(penalty, params)
 
 
@@ -65,7 +78,7 @@ def lora_inputs(d_out, d_in, r, k, variant, dtype=torch.float64, seed=0):
     U, c = make_anchor(d_out, k, variant, gen)
     B = torch.randn(d_out, r, generator=gen, dtype=torch.float64)
     # Put part of B inside span(U), as alignment-anchored updates are, so (I - C) matters.
-    B = B + U @ torch.randn(k, r, generator=gen, dtype=torch.float64)
+    B = B + U @ torch.randn(U.shape[1], r, generator=gen, dtype=torch.float64)
     A = torch.randn(r, d_in, generator=gen, dtype=torch.float64)
     return B.to(dtype), A.to(dtype), U.to(dtype), c.to(dtype)
 
@@ -75,7 +88,7 @@ def full_inputs(d_out, d_in, k, variant, dtype=torch.float64, seed=1):
     U, c = make_anchor(d_out, k, variant, gen)
     W0 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
     W = W0 + 0.1 * torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) + U @ torch.randn(
-        k, d_in, generator=gen, dtype=torch.float64)
+        U.shape[1], d_in, generator=gen, dtype=torch.float64)
     return W.to(dtype), W0.to(dtype), U.to(dtype), c.to(dtype)
 
 
@@ -86,30 +99,32 @@ def torch_backend(monkeypatch):
 
 # -- (a) references against the dense formulas -----------------------------------------------
 
-@pytest.mark.parametrize("variant", ["safelora", "projector"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_lora_reference_matches_dense(shape, variant, torch_backend):
     d_out, d_in, r, k = shape
     B, A, U, c = lora_inputs(d_out, d_in, r, k, variant)
-    want, (want_dB, want_dA) = dense_penalty_and_grads(lambda B, A: B @ A, (B, A), U, c)
-    got, (dB, dA) = penalty_and_grads(anchor_penalty, (B, A), U, c)
+    region = region_of(variant)
+    want, (want_dB, want_dA) = dense_penalty_and_grads(lambda B, A: B @ A, (B, A), U, c, region)
+    got, (dB, dA) = penalty_and_grads(anchor_penalty, (B, A), U, c, region)
     assert want > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
     torch.testing.assert_close(dB, want_dB, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(dA, want_dA, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("variant", ["safelora", "projector"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_full_reference_matches_dense(shape, variant, torch_backend):
     d_out, d_in, _, k = shape
     W, W0, U, c = full_inputs(d_out, d_in, k, variant)
-    want, (want_dW,) = dense_penalty_and_grads(lambda W: W - W0, (W,), U, c)
-    got, (dW,) = penalty_and_grads(anchor_penalty_full, (W,), W0, U, c)
+    region = region_of(variant)
+    want, (want_dW,) = dense_penalty_and_grads(lambda W: W - W0, (W,), U, c, region)
+    got, (dW,) = penalty_and_grads(anchor_penalty_full, (W,), W0, U, c, region)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
     torch.testing.assert_close(dW, want_dW, rtol=1e-9, atol=1e-10)
     # Non-contiguous W (a transposed view) gives the same.
-    got_t, (dW_t,) = penalty_and_grads(anchor_penalty_full, (W.T.contiguous().T,), W0, U, c)
+    got_t, (dW_t,) = penalty_and_grads(anchor_penalty_full, (W.T.contiguous().T,), W0, U, c, region)
     torch.testing.assert_close(got_t, want, rtol=1e-10, atol=0)
     torch.testing.assert_close(dW_t, want_dW, rtol=1e-9, atol=1e-10)
 
@@ -141,11 +156,12 @@ def _shard_rank(rank: int, world: int, port: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = []
-        for variant in ("safelora", "projector"):
+        for variant in VARIANTS:
             W, W0, U, c = full_inputs(*SHARD_SHAPE, 6, variant)
             bounds = [0, SHARD_CUT, W.numel()]
             lo, hi = bounds[rank], bounds[rank + 1]
-            penalty, grad = anchor_penalty_sharded(W.flatten()[lo:hi], W0.flatten()[lo:hi], lo, SHARD_SHAPE, U, c)
+            penalty, grad = anchor_penalty_sharded(W.flatten()[lo:hi], W0.flatten()[lo:hi], lo, SHARD_SHAPE, U, c,
+                                                   region=region_of(variant))
             results.append((float(penalty), grad.numpy()))
         queue.put((rank, results))
     finally:
@@ -159,9 +175,9 @@ def test_sharded_penalty_on_two_ranks_matches_dense():
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_shard_rank, args=(2, free_port(), queue), nprocs=2, join=True)
     results = dict(queue.get() for _ in range(2))
-    for i, variant in enumerate(("safelora", "projector")):
+    for i, variant in enumerate(VARIANTS):
         W, W0, U, c = full_inputs(*SHARD_SHAPE, 6, variant)
-        want, (want_dW,) = dense_penalty_and_grads(lambda W: W - W0, (W,), U, c)
+        want, (want_dW,) = dense_penalty_and_grads(lambda W: W - W0, (W,), U, c, region_of(variant))
         assert results[0][i][0] == pytest.approx(float(want), rel=1e-10)
         assert results[1][i][0] == pytest.approx(float(want), rel=1e-10)
         grad = torch.cat([torch.from_numpy(results[r][i][1]) for r in (0, 1)])
@@ -252,33 +268,35 @@ class TestInterpreted:
         for got, want in zip(tri.fragment_moments(w, w0, start, shape, U, block_n=16, programs=4, **SMALL),
                              ref.fragment_moments(w, w0, start, shape, U)):
             torch.testing.assert_close(got, want, **tol)
-        torch.testing.assert_close(tri.fragment_grad(w, w0, start, shape, U, M, scale, block_n=16, **SMALL),
-                                   ref.fragment_grad(w, w0, start, shape, U, M, scale), **tol)
+        for coef in (1.0, 0.0):  # 0: the aligned control's gradient has no D term
+            torch.testing.assert_close(tri.fragment_grad(w, w0, start, shape, U, M, scale, coef, block_n=16, **SMALL),
+                                       ref.fragment_grad(w, w0, start, shape, U, M, scale, coef), **tol)
 
     @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-    @pytest.mark.parametrize("variant", ["safelora", "projector"])
+    @pytest.mark.parametrize("variant", VARIANTS)
     def test_penalties_and_gradients(self, variant, dtype, rtol, monkeypatch):
         """The public functions, forced onto Triton, against the same functions on the reference."""
+        region = region_of(variant)
         B, A, U, c = lora_inputs(45, 37, 5, 21, variant, dtype=dtype)
-        got, grads = penalty_and_grads(anchor_penalty, (B, A), U, c)
-        want, want_grads = penalty_and_grads(anchor_penalty_reference, (B, A), U, c)
+        got, grads = penalty_and_grads(anchor_penalty, (B, A), U, c, region)
+        want, want_grads = penalty_and_grads(anchor_penalty_reference, (B, A), U, c, region)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0)  # same rounded inputs, fp32 sums
         for g, w in zip(grads, want_grads):
             assert g.dtype == dtype
             torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * w.abs().max().item())
         W, W0, U, c = full_inputs(45, 37, 21, variant, dtype=dtype)
-        got, (dW,) = penalty_and_grads(anchor_penalty_full, (W.T.contiguous().T,), W0, U, c)
-        want, (want_dW,) = penalty_and_grads(anchor_penalty_full_reference, (W,), W0, U, c)
+        got, (dW,) = penalty_and_grads(anchor_penalty_full, (W.T.contiguous().T,), W0, U, c, region)
+        want, (want_dW,) = penalty_and_grads(anchor_penalty_full_reference, (W,), W0, U, c, region)
         # P = ||D||^2 - (the part in span U): fp32 rounding scales with ||D||^2, not with P.
         energy_tol = 1e-6 * (W.double() - W0.double()).pow(2).sum().item()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=energy_tol)
         torch.testing.assert_close(dW, want_dW, rtol=rtol, atol=rtol * want_dW.abs().max().item())
         for lo, hi in ((0, 700), (700, W.numel())):  # fragments meeting mid-row
             args = (W.flatten()[lo:hi], W0.flatten()[lo:hi], lo, (45, 37), U, c)
-            got_p, got_g = anchor_penalty_sharded(*args)
+            got_p, got_g = anchor_penalty_sharded(*args, region=region)
             with monkeypatch.context() as patch:
                 patch.setenv(backend.ENV, "torch")
-                want_p, want_g = anchor_penalty_sharded(*args)
+                want_p, want_g = anchor_penalty_sharded(*args, region=region)
             torch.testing.assert_close(got_p, want_p, rtol=1e-5, atol=energy_tol)
             torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-5 * want_g.abs().max().item())
 

@@ -9,7 +9,8 @@ full models are never in memory; only the small U_k, c and spectra of the layers
 are held, and they are flushed to shard files as they grow.
 
 Output folder:
-    manifest.json               variant, models, modules, selection rule, per-layer k/shape/...
+    manifest.json               variant, models, modules, selection rule, per-layer k/shape/
+                                ||V||_F (fro_norm)/c_max/c_median/...
     basis-00001.safetensors...  "<layer>.U" (d_out x k), "<layer>.c" (k), "<layer>.S" (spectrum)
 """
 
@@ -228,8 +229,11 @@ def layer_basis(name: str, v: torch.Tensor, variant: str, rank: int | None,
         c = torch.ones(k)
     else:
         c = (energy[:k] / fro).float()
+    # The anchor's scale, for reading before training: safelora's c_i = sigma_i^2 / ||V||_F
+    # shrinks with the alignment delta, and with c_max << 1 the penalty is about plain L2.
     info = {"shape": list(v.shape), "k": k, "rank": r,
             "captured_share": float(energy[:k].sum() / total), "fro_norm": fro,
+            "c_max": float(c.max()), "c_median": float(c.median()),
             "spectrum_complete": complete}
     return LayerBasis(name, u[:, :k].contiguous().float(), c.contiguous(), tuple(v.shape)), s.float(), info
 

@@ -3,6 +3,9 @@ that leaves the alignment anchor C = U diag(c) U^T,
 
     loss = task_loss + lambda * sum_layers ||(I - C) DeltaW||_F^2,
 
+or one of its controls (`anchor.variant`, see anchor/variants.py): `l2` (C = 0, no basis) and
+`aligned` (||C DeltaW||_F^2, the part inside the alignment span).
+
 DeltaW = B A for LoRA (times alpha/r only with include_lora_scaling) and W - W0 for full
 parameters. Where the trainable parameters are whole on every rank (ZeRO 0-2) the penalty goes
 through autograd; under ZeRO-3 they are partitioned, so its gradient is added to each rank's
@@ -16,34 +19,54 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
+from pydantic import Field, model_validator
 from safebasin.safety_core import zero3
+from safebasin.safety_core.anchor import variants
 from safebasin.safety_core.anchor.basis import MANIFEST, BasisError, load_basis
+from safebasin.safety_core.anchor.variants import AnchorScaleWarning  # noqa: F401  (re-exported)
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.train.ds_config import zero_stage
 
 
 class AnchorArgs(Section):
-    basis: str = Field(description="a folder written by `safebasin align-basis`")
+    basis: str | None = Field(None, description="a folder written by `safebasin align-basis` (required "
+                              "except for variant l2, where it only adds the outside-share metric)")
+    variant: str | None = Field(None, pattern="^(" + "|".join(variants.VARIANTS) + ")$",
+                                description="safelora, safelora-normalized, projector (anchors), aligned, "
+                                "l2 (controls); default: the basis's own variant")
     lam: float = Field(1.0, alias="lambda", ge=0.0, description="weight of the anchor penalty")
     include_lora_scaling: bool = Field(False, description="LoRA: penalise (alpha/r) B A instead "
                                        "of B A (off, as in the AsFT reference code, so its lambda "
                                        "values transfer)")
 
+    @model_validator(mode="after")
+    def _basis_unless_l2(self):
+        if self.basis is None and self.variant != "l2":
+            raise ValueError("anchor.basis is required (only anchor.variant: l2 runs without a basis)")
+        return self
+
     def basis_problem(self) -> str | None:
-        """Why `basis` cannot be used, or None; for failing before any rank starts. (Not a
-        field validator: example configs name a basis that is made in a step before training.)"""
+        """Why `basis` cannot be used with `variant`, or None; for failing before any rank starts.
+        (Not a field validator: example configs name a basis made in a step before training.)"""
+        if self.basis is None:
+            return None
         from pathlib import Path
         if not (Path(self.basis) / MANIFEST).exists():
             return f"{self.basis!r} holds no {MANIFEST}; write a basis with `safebasin align-basis`"
-        return None
+        basis_variant = load_basis(self.basis).variant
+        return variants.compatibility_problem(self.variant or basis_variant, basis_variant)
 
 
 @dataclass
 class _Layer:
     name: str                 # module path in the model
-    U: torch.Tensor           # d_out x k on the parameter's device, float32
-    c: torch.Tensor           # k
+    U: torch.Tensor           # d_out x k on the parameter's device, float32 (k = 0 without a basis)
+    c: torch.Tensor           # the variant's penalty weights: k, or 0 for l2 (C = 0)
+
+    @property
+    def penalty_U(self) -> torch.Tensor:
+        """The columns of U the penalty uses: none for l2 (its U serves only the outside metric)."""
+        return self.U[:, :self.c.numel()]
 
 
 @dataclass
@@ -94,8 +117,15 @@ class AnchorRegularizer:
         self.lam = float(args.lam)
         self.stage = zero_stage(ds_config)
         self.grad_accum = int(ds_config.get("gradient_accumulation_steps", 1))
-        self.basis = load_basis(args.basis)
-        self.projector = self.basis.variant == "projector"
+        self.basis = load_basis(args.basis) if args.basis is not None else None
+        basis_variant = self.basis.variant if self.basis is not None else None
+        self.variant = args.variant or basis_variant
+        problem = variants.compatibility_problem(self.variant, basis_variant)
+        if problem:
+            raise BasisError(f"anchor: {problem}")
+        self.region = variants.region(self.variant)
+        # The penalty is itself the outside energy (the metric costs no second evaluation).
+        self.projector = self.variant == "projector"
         self._micro = 0
         self._pending: dict[str, torch.Tensor] = {}
         lora = list(_lora_modules(model))
@@ -108,10 +138,16 @@ class AnchorRegularizer:
             if not self.layers:
                 raise BasisError(f"no trainable 2-D weight of the model has a layer in the basis "
                                  f"{args.basis} (basis layers look like {self.basis.names[:3]})")
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            variants.announce(self.variant, self.lam, [layer.c for layer in self.layers],
+                              [layer.U.shape[0] for layer in self.layers])
 
     # -- construction ---------------------------------------------------------------------
 
     def _anchor_of(self, path: str, d_out: int, d_in: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.basis is None:  # l2 without a basis: C = 0
+            empty = torch.zeros(d_out, 0, device=device)
+            return empty, empty[0]
         name = self.basis.match(path)
         if name is None:
             raise BasisError(f"adapted layer {path!r} has no layer in the basis {self.basis.root} "
@@ -121,7 +157,7 @@ class AnchorRegularizer:
         if tuple(lb.shape) != (d_out, d_in):
             raise BasisError(f"layer {path!r} has shape ({d_out}, {d_in}) but its basis layer "
                              f"{name!r} has {list(lb.shape)}")
-        return lb.U.to(device, torch.float32), lb.c.to(device, torch.float32)
+        return lb.U.to(device, torch.float32), variants.weights(self.variant, lb.c.to(device, torch.float32))
 
     def _lora_layer(self, path, A, B, scale) -> _LoraLayer:
         (_, d_in), (d_out, _) = zero3.full_shape(A), zero3.full_shape(B)
@@ -135,8 +171,8 @@ class AnchorRegularizer:
             if not W.requires_grad or len(shape) != 2 or not pname.endswith(".weight"):
                 continue
             path = pname[: -len(".weight")]
-            if self.basis.match(path) is None:
-                continue  # trained freely: the basis names the anchored layers
+            if self.basis is not None and self.basis.match(path) is None:
+                continue  # trained freely: the basis names the anchored layers (without one, l2 takes all)
             U, c = self._anchor_of(path, *shape, W.device)
             if self.stage == 3:
                 # Captured before any checkpoint is loaded: the initial weights, also on resume.
@@ -173,11 +209,12 @@ class AnchorRegularizer:
         else:
             penalty, outside, energy = (self._pending[k] for k in ("penalty", "outside", "energy"))
         penalty, outside, energy = float(penalty), float(outside), float(energy)
-        return {"anchor_penalty": penalty,
-                "anchor_outside_share": outside / energy if energy > 0 else None}
+        # Without a basis there is no span to be outside of.
+        share = outside / energy if energy > 0 and self.basis is not None else None
+        return {"anchor_penalty": penalty, "anchor_outside_share": share}
 
     def _ones(self, layer: _Layer) -> torch.Tensor:
-        return torch.ones_like(layer.c)
+        return torch.ones(layer.U.shape[1], device=layer.U.device)
 
     # -- replicated parameters: autograd ------------------------------------------------------
 
@@ -189,13 +226,13 @@ class AnchorRegularizer:
             if isinstance(layer, _LoraLayer):
                 B = layer.B.float() * layer.scale
                 A = layer.A.float()
-                p = anchor_penalty(B, A, layer.U, layer.c)
+                p = anchor_penalty(B, A, layer.penalty_U, layer.c, self.region)
                 with torch.no_grad():
                     out = p.detach() if self.projector else anchor_penalty(B, A, layer.U, self._ones(layer))
                     e = ((B.T @ B) * (A @ A.T)).sum()
             else:
                 W, W0 = layer.W.float(), layer.W0.float()
-                p = anchor_penalty_full(W, W0, layer.U, layer.c)
+                p = anchor_penalty_full(W, W0, layer.penalty_U, layer.c, self.region)
                 with torch.no_grad():
                     out = p.detach() if self.projector else anchor_penalty_full(W, W0, layer.U, self._ones(layer))
                     e = (W - W0).pow(2).sum()
@@ -215,8 +252,8 @@ class AnchorRegularizer:
             # With optimizer offload the fp32 partition and its gradient live on the CPU; the
             # collectives run on the anchor's (the parameter's) device.
             w = zero3.local_fp32(layer.W, layer.U.device)
-            penalty, g = anchor_penalty_sharded(w, layer.W0, layer.start, layer.shape, layer.U,
-                                                layer.c, group=group)
+            penalty, g = anchor_penalty_sharded(w, layer.W0, layer.start, layer.shape, layer.penalty_U,
+                                                layer.c, group=group, region=self.region)
             total = total + penalty
             outside = outside + (penalty if self.projector else anchor_penalty_sharded(
                 w, layer.W0, layer.start, layer.shape, layer.U, self._ones(layer), group=group)[0])
@@ -251,7 +288,7 @@ class AnchorRegularizer:
         total, outside, energy = 0.0, 0.0, 0.0
         for i, layer in enumerate(self.layers):
             A, B = full[2 * i], full[2 * i + 1] * layer.scale
-            penalty = anchor_penalty(B, A, layer.U, layer.c)
+            penalty = anchor_penalty(B, A, layer.penalty_U, layer.c, self.region)
             total = total + penalty
             with torch.no_grad():
                 outside = outside + (penalty.detach() if self.projector

@@ -4,8 +4,9 @@ train`, `restore` and `eval` take), so the demo runs the project's own code path
 
 Stages: base (task + compliance, from random weights) -> aligned (task + refusals, full
 fine-tune of base) -> alignment basis (aligned - base) -> the harmful fine-tuning attack on the
-aligned model as plain LoRA (`lora`) and as AsFT-anchored LoRA (`asft`) -> curvature-aware
-restoration of the plain LoRA adapter (`restored`).
+aligned model as plain LoRA (`lora`), as AsFT-anchored LoRA (`asft`) and with the anchor's two
+controls (`l2`: plain L2 on the update; `aligned_control`: the penalty inside the alignment
+span) -> curvature-aware restoration of the plain LoRA adapter (`restored`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from safebasin.safety_core.demo.settings import DemoSettings
 from safebasin.safety_core.train.tiny import build_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-STAGES = ("base", "aligned", "lora", "asft", "restored")
+STAGES = ("base", "aligned", "lora", "asft", "l2", "aligned_control", "restored")
 LABELS = ["positive", "negative"]
 
 
@@ -105,9 +106,19 @@ def full_stage_config(settings: DemoSettings, layout: Layout, name: str, trackin
             **_common(layout, name, tracking)}
 
 
-def attack_config(settings: DemoSettings, layout: Layout, name: str, tracking: dict) -> dict:
-    """lora: the harmful fine-tuning attack on the aligned model; asft: the same job with the
-    anchor penalty on the alignment basis."""
+def stage_anchor(settings: DemoSettings, name: str) -> dict | None:
+    """The anchor (variant, lambda) of an attack stage: none for lora."""
+    a = settings.anchor
+    return {"asft": {"variant": a.variant, "lambda": a.lam},
+            "l2": {"variant": "l2", "lambda": a.l2_lambda},
+            "aligned_control": {"variant": "aligned", "lambda": a.aligned_lambda}}.get(name)
+
+
+def attack_config(settings: DemoSettings, layout: Layout, name: str, tracking: dict,
+                  anchor: dict | None = None) -> dict:
+    """lora: the harmful fine-tuning attack on the aligned model; asft, l2, aligned_control:
+    the same job with an anchor penalty ({"variant", "lambda"}; stage_anchor's by default). The
+    basis is given to every variant, l2 included (there it only adds the outside-share metric)."""
     a = settings.attack
     cfg = {"model": {"path": str(layout.stage("aligned") / "model")},
            "method": {"type": "lora", "r": a.r, "alpha": a.alpha, "dropout": 0.0,
@@ -118,8 +129,9 @@ def attack_config(settings: DemoSettings, layout: Layout, name: str, tracking: d
                     "seed": settings.seed + 1},
            "train": _train_section(settings.seed, a.steps, a.lr, a.batch),
            **_common(layout, name, tracking)}
-    if name == "asft":
-        cfg["anchor"] = {"basis": str(layout.basis), "lambda": settings.anchor.lam}
+    anchor = anchor or stage_anchor(settings, name)
+    if anchor is not None:
+        cfg["anchor"] = {"basis": str(layout.basis), **anchor}
     return cfg
 
 

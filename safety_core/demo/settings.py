@@ -7,7 +7,8 @@ tests: it goes through the same code, not the same numbers), and dotted override
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from safebasin.safety_core.anchor.variants import VARIANTS
 from safebasin.safety_core.args import Section
 
 
@@ -51,12 +52,40 @@ class Attack(Section):
 
 
 class Anchor(Section):
-    """AsFT: the same attack with the anchor penalty on the alignment basis."""
+    """AsFT: the same attack with the anchor penalty on the alignment basis, and its two controls
+    (anchor/variants.py): plain L2 shrinkage of the update (`l2`) and the penalty on the part
+    inside the alignment span (`aligned_control`, the AsFT paper's reverse control)."""
     lam: float = Field(10.0, alias="lambda", ge=0)
     # safelora: C = V V^T / ||V||_F, as the AsFT reference code computes. (The projector variant
     # with k = 1..8 did not hold the attack in this organism: the attack fits inside the span.)
     variant: str = Field("safelora", pattern="^(safelora|projector)$")
     rank: int = Field(8, ge=1, description="k: alignment directions kept per layer")
+    # The controls at AsFT's lambda: in this organism the task accuracy hardly moves with lambda,
+    # so the same lambda already gives matched accuracy (the check verifies it).
+    l2_lambda: float = Field(10.0, ge=0, description="lambda of the l2 control stage")
+    aligned_lambda: float = Field(10.0, ge=0, description="lambda of the aligned_control stage")
+
+
+class Frontier(Section):
+    """`safebasin demo --frontier`: the attack retrained for each lambda of each anchor variant
+    (the AsFT paper's Fig. 4a: HRR against task accuracy)."""
+    variants: list[str] = Field(default_factory=lambda: ["safelora", "safelora-normalized", "l2", "aligned"])
+    lambdas: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0])
+
+    @field_validator("variants")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = [v for v in value if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown anchor variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
+        return value
+
+    @field_validator("lambdas")
+    @classmethod
+    def _non_negative(cls, value: list[float]) -> list[float]:
+        if any(lam < 0 for lam in value):
+            raise ValueError(f"lambdas must be >= 0, got {value}")
+        return value
 
 
 class Restore(Section):
@@ -107,6 +136,7 @@ class DemoSettings(Section):
     restore: Restore = Field(default_factory=Restore)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     landscape: LandscapeSettings = Field(default_factory=LandscapeSettings)
+    frontier: Frontier = Field(default_factory=Frontier)
 
 
 # Every stage tiny: for tests of the pipeline, not of the phenomenon.
@@ -120,6 +150,7 @@ QUICK = {
                 "probes": 3, "iterations": 1, "batch_size": 8},
     "eval": {"max_new_tokens": 6, "task_max_new_tokens": 4, "prefill_k": 2},
     "landscape": {"alignment_alphas": [-1.0, 0.0], "attack_alphas": [0.0, 1.0], "prompts": 3},
+    "frontier": {"variants": ["safelora", "l2"], "lambdas": [1.0, 100.0]},
 }
 
 

@@ -1,4 +1,4 @@
-"""Generic PNG plots (line curves, contour + surface, scatter, bars).
+"""Generic PNG plots (line curves, labelled curves with their own x, contour + surface, scatter, bars).
 
 Figures are drawn on an Agg canvas directly, without pyplot, so plotting never depends on (or
 changes) the process-wide matplotlib backend and works on machines without a display.
@@ -38,6 +38,27 @@ def line_plot(path, x: Sequence[float], series: Mapping[str, Sequence[float]], *
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     if series or hlines:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def curves_plot(path, curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[str]]], *,
+                xlabel: str = "", ylabel: str = "", title: str = "") -> Path:
+    """One line per named curve, each with its own points (xs, ys) and a text label per point
+    (e.g. a trade-off frontier: every point one setting of a knob)."""
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-")]
+    for i, (name, (xs, ys, labels)) in enumerate(curves.items()):
+        # Markers and dashes differ, so that curves lying on top of each other stay visible.
+        marker, dash = styles[i % len(styles)]
+        line, = ax.plot(xs, ys, marker=marker, linestyle=dash, markersize=6 - i % 3, label=name)
+        for x, y, text in zip(xs, ys, labels):
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
+                        color=line.get_color())
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if curves:
         ax.legend(fontsize=8)
     return _save(fig, path)
 

@@ -1,0 +1,104 @@
+"""What each anchor variant penalises, and how strongly: the weights c a variant takes from a
+basis, the region of the penalty, and the start-of-training summary of the anchor's effective
+strength (with the warning when the anchor is close to plain L2 shrinkage).
+
+    safelora             ||(I - C) DeltaW||^2, c_i = sigma_i^2 / ||V||_F as stored (AsFT code)
+    safelora-normalized  the same with c_i = sigma_i^2 / sigma_1^2 (the strongest direction weighs
+                         1), rescaled from a safelora basis at load time
+    projector            ||(I - C) DeltaW||^2, c_i = 1 (a projector basis)
+    aligned              ||C DeltaW||^2 with c / c_max: the AsFT paper's reverse control, which
+                         penalises the update inside the alignment span
+    l2                   ||DeltaW||^2 (C = 0): the control for shrinkage; needs no basis
+
+Why a load-time rescaling for safelora-normalized rather than another basis: U is the same, and
+safelora's c_i = e_i / ||V||_F makes c / c_1 = e_i / e_1 exactly, so one extracted basis serves
+safelora, its normalized form and the aligned control, and a frontier compares them on the very
+same directions. `aligned` normalises too: for ||C DeltaW||^2 a common factor of c only rescales
+lambda (by its square), so with max c = 1 its lambda is on the scale of l2's (the aligned
+penalty is at most the l2 penalty at the same lambda).
+
+Per output direction the outside penalty weighs the update's energy by (1 - c_i)^2 inside
+span(U_k) and by 1 outside it, so it differs from lambda ||DeltaW||^2 by at most
+max_i (2 c_i - c_i^2) of the energy in any direction: with c_max = 0.045 that is 9%, and the
+"anchor" is plain L2 shrinkage of the update.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+
+import torch
+
+VARIANTS = ("safelora", "safelora-normalized", "projector", "aligned", "l2")
+# The basis variant (manifest "variant") each anchor variant reads; None: any, or none at all.
+BASIS_OF = {"safelora": "safelora", "safelora-normalized": "safelora", "projector": "projector",
+            "aligned": None, "l2": None}
+# Below this bound on how much the outside penalty departs from plain L2 in any direction
+# (max 2c - c^2), the anchor cannot steer an update: the training warns.
+NEAR_L2 = 0.1
+
+
+class AnchorScaleWarning(UserWarning):
+    """The anchor's weights c are so small that the penalty is close to plain L2 shrinkage."""
+
+
+def region(variant: str) -> str:
+    """The kernels' region: "inside" (||C DeltaW||^2) for the aligned control, else "outside"."""
+    return "inside" if variant == "aligned" else "outside"
+
+
+def compatibility_problem(variant: str, basis_variant: str | None) -> str | None:
+    """Why an anchor variant cannot use a basis of basis_variant (None: no basis), or None."""
+    if variant not in VARIANTS:
+        return f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}"
+    if basis_variant is None:
+        return None if variant == "l2" else f"variant {variant!r} needs a basis (only 'l2' runs without one)"
+    want = BASIS_OF[variant]
+    if want is not None and basis_variant != want:
+        return (f"variant {variant!r} needs a {want} basis, but the basis was extracted as {basis_variant!r} "
+                f"(`safebasin align-basis --variant {want}`)")
+    return None
+
+
+def weights(variant: str, c: torch.Tensor) -> torch.Tensor:
+    """The c a variant's penalty uses, from a basis layer's stored c (descending)."""
+    if variant == "l2":
+        return c[:0]
+    if variant in ("safelora-normalized", "aligned") and c.numel():
+        return c / c.max()
+    return c
+
+
+def strength(variant: str, lam: float, cs: list[torch.Tensor], dims: list[int]) -> tuple[str, str | None]:
+    """(summary line, warning or None) of the anchor's effective strength at the start of
+    training; cs: each anchored layer's penalty c, dims: its d_out."""
+    if variant == "l2":
+        return f"anchor l2: lambda {lam:g} x ||DeltaW||^2 on {len(dims)} layer(s), no basis direction", None
+    maxima = [float(c.max()) if c.numel() else 0.0 for c in cs]
+    medians = [float(c.median()) if c.numel() else 0.0 for c in cs]
+    c_max, c_med = max(maxima), statistics.median(medians)
+    span = statistics.mean(c.numel() / d for c, d in zip(cs, dims))
+    head = (f"anchor {variant}: lambda {lam:g}; c in [{min(float(c.min()) for c in cs if c.numel()):.3g}, "
+            f"{c_max:.3g}] (median of layer medians {c_med:.3g}); span(U_k) holds {span:.1%} of a "
+            f"layer's output directions on average")
+    if variant == "aligned":
+        return (f"{head}; penalty weight per direction c_i^2 inside the span (lambda x c^2 up to "
+                f"{lam * c_max ** 2:.3g}), 0 outside it"), None
+    departure = max(2 * m - m * m for m in maxima)
+    line = (f"{head}; penalty weight per direction (1 - c_i)^2 inside the span, 1 outside it: at most "
+            f"{departure:.1%} away from plain L2 (lambda ||DeltaW||^2) in any direction")
+    if departure < NEAR_L2:
+        return line, (f"anchor {variant}: c_max = {c_max:.3g}, so the penalty is within {departure:.1%} of plain L2 "
+                      f"shrinkage (lambda ||DeltaW||^2) in every direction and cannot steer the update toward the "
+                      f"alignment span; use anchor.variant: safelora-normalized or projector, or compare with "
+                      f"anchor.variant: l2")
+    return line, None
+
+
+def announce(variant: str, lam: float, cs: list[torch.Tensor], dims: list[int]) -> None:
+    """Print the strength summary and raise AnchorScaleWarning when it has a warning."""
+    line, warning = strength(variant, lam, cs, dims)
+    print(f"[safebasin] {line}", flush=True)
+    if warning:
+        warnings.warn(warning, AnchorScaleWarning, stacklevel=3)
