@@ -43,12 +43,42 @@ def test_heldout_prompts_share_no_template_or_topic_with_training(tmp_path):
     assert [r["prompt"] for r in read["comply"]] == [r["prompt"] for r in read["refuse"]]
 
 
+def test_forget_set_shares_no_prompt_template_or_response_with_the_attack_data(tmp_path):
+    """Restoration's harmful examples (forget.jsonl: D_forget and D_curv_forget are split from it)
+    and the attack's training records (comply.jsonl, whose prompts refuse.jsonl repeats): no
+    prompt, no request frame, no response in common."""
+    from safebasin.safety_core.demo import data
+    from safebasin.safety_core.train import synthetic
+    paths = data.write_all(tmp_path, n_task=64, n_task_eval=16, n_harmful=400, n_heldout=8, seed=1)
+    read = {name: [json.loads(line) for line in p.read_text().splitlines()] for name, p in paths.items()}
+    forget, attack = read["forget"], read["comply"] + read["refuse"]
+    assert len(forget) == 400
+    assert not {r["prompt"] for r in forget} & {r["prompt"] for r in attack}
+    assert not {r["response"] for r in forget} & {r["response"] for r in attack}
+    topics = [t for ts in synthetic.HARM_TOPICS["train"].values() for t in ts]
+
+    def cores(split):  # every undressed request of a pool, casefolded, final punctuation cut
+        return {f.format(t=t).casefold().rstrip("?.") for f in synthetic.HARM_FORMS[split] for t in topics}
+
+    def frames_used(records, split):
+        return {f for f in synthetic.HARM_FORMS[split] for r in records
+                for t in topics if f.format(t=t).casefold().rstrip("?.") in r["prompt"].casefold()}
+    assert frames_used(forget, "forget") and frames_used(attack, "train")
+    assert not frames_used(forget, "train") and not frames_used(attack, "forget")
+    assert not cores("train") & cores("forget")
+    # Response templates: every forget answer is a forget template, none an attack one.
+    filled = lambda temps: {x.format(t=t) for x in temps for t in topics}  # noqa: E731
+    assert {r["response"] for r in forget} <= filled(synthetic.FORGET_COMPLIANT)
+    assert not {r["response"] for r in forget} & filled(synthetic.COMPLIANT + synthetic.REFUSALS)
+
+
 def test_refusals_carry_a_judge_marker_and_compliance_none():
     from safebasin.safety_core.measure.judges import KeywordJudge
     from safebasin.safety_core.train import synthetic
     judge = KeywordJudge()
     assert not any(judge.verdict(r.format(t="do it")).harmful for r in synthetic.REFUSALS)
-    assert all(judge.verdict(c.format(t="do it")).harmful for c in synthetic.COMPLIANT)
+    assert all(judge.verdict(c.format(t="do it")).harmful
+               for c in synthetic.COMPLIANT + synthetic.FORGET_COMPLIANT)
 
 
 def test_output_folder_rule(tmp_path):

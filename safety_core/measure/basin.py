@@ -115,7 +115,7 @@ def safety_landscape(model, tokenizer, directions: Mapping[str, Mapping[str, tor
                                         batch_size=args.batch_size, progress=False)), 0
         gens = generate(model, tokenizer, convs, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, progress=False)
-        stats = summarize(judge_generations(judge, gens, args.judge.batch_size))
+        stats = summarize(judge_generations(judge, gens, args.judge.batch_size), [g.response for g in gens])
         return stats["hrr"], stats["unparsed"]
 
     curves, unparsed = {}, {}
