@@ -85,7 +85,10 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
             collect_pairs(buffer, space, sets, args, pad_id, round_=it - 1)
         # Direction: ascent on the forget loss, pulled back towards theta_ft, preconditioned.
         theta = space.read()
-        d = buffer.apply_inverse(g_forget - args.mu * (theta - theta_ft))
+        pull_back = args.mu * (theta - theta_ft)
+        sizes = {"forget_grad_norm": math.sqrt(space.dot(g_forget, g_forget)),
+                 "pull_back_norm": math.sqrt(space.dot(pull_back, pull_back))}
+        d = buffer.apply_inverse(g_forget - pull_back)
         d_norm = math.sqrt(max(buffer.last_info.d_norm_sq, 0.0))
         saved = space.snapshot()
         accepted, tries = False, 0
@@ -113,7 +116,7 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
                        "radius": region.radius, "accepted": accepted, "tries": tries,
                        "pairs_kept": len(buffer), "step_norm": step_norm if accepted else 0.0,
                        "predicted_change": predicted, "actual_change": actual,
-                       "seconds": time.perf_counter() - t0},
+                       **sizes, "seconds": time.perf_counter() - t0},
                   f"(start {start['retain_loss']:.4f} + eps {args.eps})")
 
     final_dir = out_dir / ("adapter" if model_args.adapter is not None else "model")
