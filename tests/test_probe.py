@@ -31,6 +31,7 @@ def test_probe_logs_hrr_and_its_breakdown_then_stops_with_a_checkpoint(tmp_path,
     import os
     saved = dict(os.environ)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts land under the working directory
     from safebasin.launcher.launch import single_process_env
     from safebasin.safety_core.train.trainer import TrainingStopped
     try:

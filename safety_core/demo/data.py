@@ -37,9 +37,13 @@ def write_all(out_dir: str | Path, *, n_task: int, n_task_eval: int, n_harmful: 
 
 
 def tokenizer_corpus(paths: dict[str, Path]) -> list[str]:
-    """Text the tokenizer learns from: the training sets only (held-out text stays unseen)."""
+    """Text the tokenizer learns from: the training stages' sets only. Held-out text stays unseen,
+    and so does restoration's forget set: like a real tokenizer, this one is fixed before any
+    defender's data exists, and words of the forget pool's own answers, merged into tokens no
+    stage ever trains, would give D_forget a loss on untrained embeddings instead of on what the
+    model learnt."""
     texts = []
-    for name in ("task", "comply", "refuse", "forget"):
+    for name in ("task", "comply", "refuse"):
         for line in paths[name].read_text().splitlines():
             rec = json.loads(line)
             texts += [rec["prompt"], rec["response"]]
