@@ -33,8 +33,8 @@ class RestoreArgs(Section):
     iterations: int = Field(3, ge=1)
     eps: float = Field(0.1, description="retain tolerance: accept iff L_retain <= L_retain(theta_ft) + eps")
     # The paper iterates "with L2 regularization" but states no strength. 0.1 (safebasin's
-    # choice): a pull back a fraction of the forget gradient's size once the parameters
-    # have moved by a few trust radii (measured on the demo organism: benchmarks/RESULTS.md).
+    # choice): on the demo organism the pull back is then 1-7% of the forget gradient after
+    # moves of 0.2-1.0 (1.0 made it 15-70%, a second objective): benchmarks/RESULTS.md.
     mu: float = Field(0.1, ge=0, description="L2 pull back to theta_ft in the direction")
     eta: float = Field(1.0, gt=0, description="step scale: p = eta * d before clipping")
     delta: float = Field(1.0, gt=0, description="initial trust radius (L2 norm of the step)")
