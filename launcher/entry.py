@@ -35,7 +35,7 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
         hooks = ()
         if cfg.train.safety_probe is not None:
             from safebasin.safety_core.measure.probe import SafetyProbe
-            hooks = lambda tokenizer: [SafetyProbe(cfg.train.safety_probe, tokenizer)]  # noqa: E731
+            hooks = lambda tokenizer: [SafetyProbe(cfg.train.safety_probe, tokenizer)]
         result = train(cfg.model, cfg.method, cfg.data, cfg.train, cfg.deepspeed, out,
                        regularizer_factory=factory, log_fn=tracker.log_metrics, resume=resume,
                        client_state={"mlflow_run_id": tracker.run_id},

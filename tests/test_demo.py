@@ -67,7 +67,7 @@ def test_forget_set_shares_no_prompt_template_or_response_with_the_attack_data(t
     assert not frames_used(forget, "train") and not frames_used(attack, "forget")
     assert not cores("train") & cores("forget")
     # Response templates: every forget answer is a forget template, none an attack one.
-    filled = lambda temps: {x.format(t=t) for x in temps for t in topics}  # noqa: E731
+    filled = lambda temps: {x.format(t=t) for x in temps for t in topics}
     assert {r["response"] for r in forget} <= filled(synthetic.FORGET_COMPLIANT)
     assert not {r["response"] for r in forget} & filled(synthetic.COMPLIANT + synthetic.REFUSALS)
 

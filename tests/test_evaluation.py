@@ -6,8 +6,8 @@ import os
 import socket
 
 import pytest
-from safebasin.safety_core.measure.breakdown import classify
 import torch
+from safebasin.safety_core.measure.breakdown import classify
 from safebasin.safety_core.measure.correlation import (
     example_nll,
     loss_correlation,

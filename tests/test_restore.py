@@ -13,7 +13,11 @@ from conftest import safebasin_cli
 from safebasin.launcher.config import ConfigError, build
 from safebasin.safety_core.restore.config import RestoreArgs
 from safebasin.safety_core.restore.lbfgs import CurvatureBuffer
-from safebasin.safety_core.restore.policy import TrustRegion, agreement, predicted_retain_change
+from safebasin.safety_core.restore.policy import (
+    TrustRegion,
+    agreement,
+    predicted_retain_change,
+)
 from safebasin.safety_core.restore.sets import _split
 from safebasin.safety_core.train.data import DataError, DataSource, load_conversations
 
@@ -138,7 +142,7 @@ def test_splits_are_disjoint_deterministic_and_sized():
 def test_curvature_sources_pick_the_probe_sets():
     from safebasin.safety_core.restore.sets import RestoreSets
     sets = RestoreSets(forget=[{"i": 0}], curvature_forget=[{"i": 1}], retain1=[{"i": 2}], retain2=[{"i": 3}])
-    ids = lambda src: [[e["i"] for e in part] for part in sets.curvature_sets(src)]  # noqa: E731
+    ids = lambda src: [[e["i"] for e in part] for part in sets.curvature_sets(src)]
     assert ids("mixed") == [[1], [2], [3]]
     assert ids("retain") == [[2], [3]]
     assert ids("forget") == [[1]]
@@ -175,7 +179,7 @@ def test_quadratic_model_predicts_an_exact_quadratic_exactly():
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     a = q @ torch.diag(torch.linspace(0.5, 4.0, n, dtype=torch.float64)) @ q.T
     b = torch.randn(n, generator=gen, dtype=torch.float64)
-    loss = lambda th: float(0.5 * th @ a @ th + b @ th)  # noqa: E731
+    loss = lambda th: float(0.5 * th @ a @ th + b @ th)
     buffer = CurvatureBuffer(history=n)
     for i in range(n):
         s = 0.1 * (i + 1) * q[:, i]

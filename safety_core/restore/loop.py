@@ -33,7 +33,11 @@ import torch
 from safebasin.safety_core.distributed import all_reduce_sum, init_distributed
 from safebasin.safety_core.restore.config import RestoreArgs
 from safebasin.safety_core.restore.lbfgs import CurvatureBuffer
-from safebasin.safety_core.restore.policy import TrustRegion, agreement, predicted_retain_change
+from safebasin.safety_core.restore.policy import (
+    TrustRegion,
+    agreement,
+    predicted_retain_change,
+)
 from safebasin.safety_core.restore.sets import RestoreSets, batches, build_sets
 from safebasin.safety_core.restore.spaces import FlatSpace, build_space, loss_and_grad
 from safebasin.safety_core.train.ds_config import DeepSpeedArgs

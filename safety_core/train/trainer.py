@@ -28,7 +28,6 @@ from safebasin.safety_core.progress import Progress
 from safebasin.safety_core.train import checkpoints
 from safebasin.safety_core.train import data as data_lib
 from safebasin.safety_core.train.data import DataArgs, StepSampler
-from safebasin.safety_core.train.probe_config import SafetyProbeArgs
 from safebasin.safety_core.train.ds_config import DeepSpeedArgs, fill_auto, zero_stage
 from safebasin.safety_core.train.mixture import training_set_with_report
 from safebasin.safety_core.train.modeling import (
@@ -39,6 +38,7 @@ from safebasin.safety_core.train.modeling import (
     load_tokenizer,
     make_trainable,
 )
+from safebasin.safety_core.train.probe_config import SafetyProbeArgs
 from safebasin.safety_core.train.summary import report_data
 
 
