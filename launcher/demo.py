@@ -160,7 +160,8 @@ def run_demo(settings, out: Path, nproc: int, *, log=print) -> dict:
             "stages": stages,
             "checks": found,
             "phenomenon_shown": all(c["ok"] for c in found.values()),
-            "landscape": {name: {"alphas": r["alphas"], "hrr": r["curves"][name], "basin": r["basin"][name],
+            "landscape": {name: {"alphas": r["alphas"], "hrr": r["curves"][name],
+                                 "degenerate": r["degenerate"][name], "basin": r["basin"][name],
                                  "threshold": r["threshold"], "png": r["files"].get("png")}
                           for name, r in scapes.items()},
             "plots": files,
