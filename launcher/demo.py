@@ -136,25 +136,33 @@ def run_demo(settings, out: Path, nproc: int, *, frontier: bool = False, log=pri
         target[name] = report.stage_numbers(summary, settings.eval.prefill_k)
         runs.adopt(name, run_id, flat_metrics(summary))
         r = target[name]
-        log(f"[demo] {name}: HRR {r['hrr']:.3f}, prefill ASR {r['prefill_asr']:.3f}, "
-            f"task accuracy {r['task_accuracy']:.3f}, task loss {r['task_loss']:.3f}")
+        log(f"[demo] {name}: HRR {r['hrr']:.3f} (refusal {r['refusal']:.3f}, degenerate {r['degenerate']:.3f}), "
+            f"prefill ASR {r['prefill_asr']:.3f}, task accuracy {r['task_accuracy']:.3f}, "
+            f"task loss {r['task_loss']:.3f}")
 
-    try:
-        with timed("setup"):
-            organism.build_initial_model(settings, layout)
-        for name in ("base", "aligned"):
-            with timed(name):
-                summary = job("train", organism.full_stage_config(settings, layout, name, tracking))
-            evaluate(name, summary["mlflow_run_id"])
-        with timed("basis"):
+    def run_stage(name: str, kind: str) -> None:
+        if kind == "basis":
             a = settings.anchor
             extract_basis(str(layout.stage("aligned") / "model"), str(layout.stage("base") / "model"),
                           layout.basis, modules=list(settings.attack.target_modules), variant=a.variant,
                           rank=a.rank, device="cpu")
-        for name in ("lora", "asft", "l2", "aligned_control"):
+            return
+        if kind == "full":
+            summary = job("train", organism.full_stage_config(settings, layout, name, tracking))
+        elif kind == "attack":
+            summary = job("train", organism.attack_config(settings, layout, name, tracking))
+        elif kind == "restore":
+            summary = job("restore", organism.restore_config(settings, layout, tracking))
+        else:
+            raise ValueError(f"demo stage {name}: unknown kind {kind!r}")
+        evaluate(name, summary["mlflow_run_id"])
+
+    try:
+        with timed("setup"):
+            organism.build_initial_model(settings, layout)
+        for name, kind in organism.PLAN:
             with timed(name):
-                summary = job("train", organism.attack_config(settings, layout, name, tracking))
-            evaluate(name, summary["mlflow_run_id"])
+                run_stage(name, kind)
         frontier_rows, frontier_files = [], {}
         if frontier:
             with timed("frontier"):
@@ -166,19 +174,21 @@ def run_demo(settings, out: Path, nproc: int, *, frontier: bool = False, log=pri
                     evaluate(name, summary["mlflow_run_id"], into=points)
                     frontier_rows.append({"variant": variant, "lambda": lam, "stage": name, **points[name]})
                 frontier_files = frontier_mod.write(frontier_rows, out / "plots")
-        with timed("restored"):
-            summary = job("restore", organism.restore_config(settings, layout, tracking))
-        evaluate("restored", summary["mlflow_run_id"])
         with timed("landscapes"):
             scapes = landscapes.run(settings, layout, out / "landscape")
         files = report.stage_plots(stages, out / "plots")
+        attacks = {name: layout.stage(name) for name, kind in organism.PLAN if kind == "attack"}
+        probe_png = report.probe_plot(attacks, out / "plots" / "hrr_during_training.png")
+        if probe_png:
+            files["hrr_during_training"] = probe_png
         found = report.checks(stages)
         result = {
             "stages": stages,
             "checks": found,
             "phenomenon_shown": all(c["ok"] for c in found.values()),
             "anchor_verdict": report.anchor_verdict(stages),
-            "landscape": {name: {"alphas": r["alphas"], "hrr": r["curves"][name], "basin": r["basin"][name],
+            "landscape": {name: {"alphas": r["alphas"], "hrr": r["curves"][name],
+                                 "degenerate": r["degenerate"][name], "basin": r["basin"][name],
                                  "threshold": r["threshold"], "png": r["files"].get("png")}
                           for name, r in scapes.items()},
             "plots": files,
@@ -211,27 +221,82 @@ def run_demo(settings, out: Path, nproc: int, *, frontier: bool = False, log=pri
     return result
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError([f"--seeds must be comma-separated integers, e.g. 0,1,2; got {text!r}"]) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError([f"--seeds needs distinct integers, e.g. 0,1,2; got {text!r}"])
+    return seeds
+
+
+def run_seeds(settings, seeds: list[int], out: Path, nproc: int, *, frontier: bool = False) -> dict:
+    """The organism once per seed (sequentially, each in OUT/seed{N}/, every stage as in a one-seed
+    run); mean and sd per stage and metric; the checks judged on the means."""
+    from safebasin.safety_core.demo import report
+    t0 = time.perf_counter()
+    (out / MARKER).write_text(json.dumps({"safebasin_demo": 1, "seeds": seeds}, indent=2))
+    runs = []
+    for seed in seeds:
+        print(f"[demo] seed {seed} ({len(runs) + 1} of {len(seeds)})", flush=True)
+        sub = prepare_folder(out / f"seed{seed}")
+        runs.append(run_demo(settings.model_copy(update={"seed": seed}), sub, nproc, frontier=frontier))
+    agg = report.aggregate([r["stages"] for r in runs])
+    mean_stages = report.means(agg)
+    found = report.checks(mean_stages)
+    first = runs[0]
+    result = {"seeds": seeds, "stages": mean_stages, "aggregate": agg, "checks": found,
+              "phenomenon_shown": all(c["ok"] for c in found.values()),
+              "anchor_verdict": report.anchor_verdict(mean_stages),
+              "per_seed": [{"seed": seed, "folder": str(out / f"seed{seed}"), "stages": r["stages"],
+                            "checks": r["checks"], "phenomenon_shown": r["phenomenon_shown"],
+                            "wall_seconds": r["wall_seconds"], "mlflow": r["mlflow"]}
+                           for seed, r in zip(seeds, runs)],
+              "n_heldout_prompts": first["n_heldout_prompts"], "n_task_eval": first["n_task_eval"],
+              "prefill_k": first["prefill_k"], "nproc": nproc, "mlflow": first["mlflow"],
+              "wall_seconds": time.perf_counter() - t0}
+    report.write_json(result, out / "results.json")
+    return result
+
+
 def cmd_demo(args) -> int:
     from safebasin.safety_core.demo import report
     if args.nproc < 1:
         raise ConfigError([f"--nproc must be >= 1, got {args.nproc}"])
+    seeds = parse_seeds(args.seeds)
     settings = load_settings(args.quick, args.overrides)
     out = prepare_folder(Path(args.out), args.overwrite)
-    result = run_demo(settings, out, args.nproc, frontier=args.frontier)
+    if seeds is None:
+        result = run_demo(settings, out, args.nproc, frontier=args.frontier)
+        sd, what = None, f"seed {settings.seed}"
+    else:
+        result = run_seeds(settings, seeds, out, args.nproc, frontier=args.frontier)
+        sd, what = result["aggregate"], f"mean ± sd over seeds {','.join(map(str, seeds))}"
     if args.json:
         report.write_json(result, args.json)
     print()
-    print(report.table(result["stages"], result["prefill_k"], result["n_heldout_prompts"], result["n_task_eval"]))
+    print(f"{what}:")
+    print(report.table(result["stages"], result["prefill_k"], result["n_heldout_prompts"], result["n_task_eval"],
+                       sd=sd))
     print(report.check_lines(result["checks"]))
     print(f"  {result['anchor_verdict']}")
+    if seeds is not None:
+        for run in result["per_seed"]:
+            failed = [k for k, c in run["checks"].items() if not c["ok"]]
+            print(f"  seed {run['seed']}: " + ("every check holds" if not failed else "fails " + ", ".join(failed)))
     print(f"\nsafebasin demo: {'the phenomenon is shown' if result['phenomenon_shown'] else 'NOT every check holds'}"
-          f"; {result['wall_seconds']:.0f} s on {result['nproc']} rank(s)")
+          f"{' (on the means)' if seeds else ''}; {result['wall_seconds']:.0f} s on {result['nproc']} rank(s)")
     print(f"  results: {(out / 'results.json').resolve()}")
-    print(f"  plots:   {(out / 'plots').resolve()}, {(out / 'landscape').resolve()}")
-    if result["frontier"]:
-        print(f"  frontier: {result['frontier']['files']['csv']}, {result['frontier']['files']['png']}")
+    if seeds is None:
+        print(f"  plots:   {(out / 'plots').resolve()}, {(out / 'landscape').resolve()}")
+        if result["frontier"]:
+            print(f"  frontier: {result['frontier']['files']['csv']}, {result['frontier']['files']['png']}")
     m = result["mlflow"]
     print(f"  MLflow:  parent run {m['parent_run_id']} in experiment {m['experiment']!r} at {m['tracking_uri']}"
+          f"{' (seed ' + str(seeds[0]) + '; each seed has its own)' if seeds else ''}"
           f"  (view: mlflow ui --backend-store-uri {m['tracking_uri']})")
     return 3 if args.check and not result["phenomenon_shown"] else 0
 
@@ -254,5 +319,8 @@ def register(sub) -> None:
                    "each anchor variant (settings frontier.variants, frontier.lambdas) and plot HRR against "
                    "task accuracy (plots/frontier.png, plots/frontier.csv)")
     p.add_argument("--check", action="store_true", help="exit with status 3 when a check of the "
-                   "phenomenon fails")
+                   "phenomenon fails (with --seeds: a check on the means)")
+    p.add_argument("--seeds", default=None, metavar="LIST", help="e.g. 0,1,2: run the organism once per "
+                   "seed (sequentially, in OUT/seed{N}/) and report mean and sd per stage and metric; "
+                   "default: one run with the settings' seed")
     p.set_defaults(func=cmd_demo)

@@ -32,10 +32,14 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
         if cfg.anchor is not None:
             from safebasin.safety_core.anchor.regularizer import anchor_factory
             factory = anchor_factory(cfg.anchor)
+        hooks = ()
+        if cfg.train.safety_probe is not None:
+            from safebasin.safety_core.measure.probe import SafetyProbe
+            hooks = lambda tokenizer: [SafetyProbe(cfg.train.safety_probe, tokenizer)]
         result = train(cfg.model, cfg.method, cfg.data, cfg.train, cfg.deepspeed, out,
                        regularizer_factory=factory, log_fn=tracker.log_metrics, resume=resume,
                        client_state={"mlflow_run_id": tracker.run_id},
-                       data_summary_fn=lambda s: _log_data_summary(tracker, s, out))
+                       data_summary_fn=lambda s: _log_data_summary(tracker, s, out), step_hooks=hooks)
     except BaseException:
         tracker.end("FAILED")
         raise

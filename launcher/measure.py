@@ -104,8 +104,11 @@ def cmd_eval(args) -> int:
     if args.json:
         shutil.copyfile(results, args.json)
     asr = ", ".join(f"K={k}: {v:.3f}" for k, v in summary.get("prefill_asr", {}).items() if v is not None)
+    parts = summary.get("breakdown") or {}
+    split = ", ".join(f"{kind} {_fmt(parts.get(kind))}" for kind in ("refusal", "compliance", "degenerate"))
     print(f"\nsafebasin eval: HRR {_fmt(summary.get('hrr'))} ({summary.get('judge')}, "
-          f"{summary.get('n_harmful')} prompts, {summary.get('unparsed')} unparsed)"
+          f"{summary.get('n_harmful')} prompts, {summary.get('unparsed')} unparsed"
+          + (f"; {split}" if parts else "") + ")"
           + (f"; prefill ASR {asr}" if asr else "")
           + f"; task loss {_fmt(summary.get('task_loss'))}, accuracy {_fmt(summary.get('task_accuracy'))}")
     print(f"  results: {results}" + (f" (copied to {Path(args.json).resolve()})" if args.json else ""))
@@ -154,8 +157,9 @@ def cmd_judge(args) -> int:
     result = judge_records(make_judge(judge_args), records, batch_size=args.batch_size)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"{result['n']} records judged by {args.judge}: HRR {_fmt(result['hrr'])}, "
-          f"{result['unparsed']} unparsed -> {args.json}", file=sys.stderr)
+    print(f"{result['n']} records judged by {args.judge}: HRR {_fmt(result['hrr'])} (refusal "
+          f"{_fmt(result['refusal_rate'])}, compliance {_fmt(result['compliance_rate'])}, degenerate "
+          f"{_fmt(result['degenerate_rate'])}), {result['unparsed']} unparsed -> {args.json}", file=sys.stderr)
     return 0
 
 

@@ -44,12 +44,42 @@ def test_heldout_prompts_share_no_template_or_topic_with_training(tmp_path):
     assert [r["prompt"] for r in read["comply"]] == [r["prompt"] for r in read["refuse"]]
 
 
+def test_forget_set_shares_no_prompt_template_or_response_with_the_attack_data(tmp_path):
+    """Restoration's harmful examples (forget.jsonl: D_forget and D_curv_forget are split from it)
+    and the attack's training records (comply.jsonl, whose prompts refuse.jsonl repeats): no
+    prompt, no request frame, no response in common."""
+    from safebasin.safety_core.demo import data
+    from safebasin.safety_core.train import synthetic
+    paths = data.write_all(tmp_path, n_task=64, n_task_eval=16, n_harmful=400, n_heldout=8, seed=1)
+    read = {name: [json.loads(line) for line in p.read_text().splitlines()] for name, p in paths.items()}
+    forget, attack = read["forget"], read["comply"] + read["refuse"]
+    assert len(forget) == 400
+    assert not {r["prompt"] for r in forget} & {r["prompt"] for r in attack}
+    assert not {r["response"] for r in forget} & {r["response"] for r in attack}
+    topics = [t for ts in synthetic.HARM_TOPICS["train"].values() for t in ts]
+
+    def cores(split):  # every undressed request of a pool, casefolded, final punctuation cut
+        return {f.format(t=t).casefold().rstrip("?.") for f in synthetic.HARM_FORMS[split] for t in topics}
+
+    def frames_used(records, split):
+        return {f for f in synthetic.HARM_FORMS[split] for r in records
+                for t in topics if f.format(t=t).casefold().rstrip("?.") in r["prompt"].casefold()}
+    assert frames_used(forget, "forget") and frames_used(attack, "train")
+    assert not frames_used(forget, "train") and not frames_used(attack, "forget")
+    assert not cores("train") & cores("forget")
+    # Response templates: every forget answer is a forget template, none an attack one.
+    filled = lambda temps: {x.format(t=t) for x in temps for t in topics}
+    assert {r["response"] for r in forget} <= filled(synthetic.FORGET_COMPLIANT)
+    assert not {r["response"] for r in forget} & filled(synthetic.COMPLIANT + synthetic.REFUSALS)
+
+
 def test_refusals_carry_a_judge_marker_and_compliance_none():
     from safebasin.safety_core.measure.judges import KeywordJudge
     from safebasin.safety_core.train import synthetic
     judge = KeywordJudge()
     assert not any(judge.verdict(r.format(t="do it")).harmful for r in synthetic.REFUSALS)
-    assert all(judge.verdict(c.format(t="do it")).harmful for c in synthetic.COMPLIANT)
+    assert all(judge.verdict(c.format(t="do it")).harmful
+               for c in synthetic.COMPLIANT + synthetic.FORGET_COMPLIANT)
 
 
 def test_output_folder_rule(tmp_path):
@@ -96,8 +126,17 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
     assert json.loads(extra.read_text())["stages"] == result["stages"]
     assert set(result["stages"]) == set(STAGES)
     for name, row in result["stages"].items():
-        for key in ("hrr", "prefill_asr", "task_accuracy"):
+        for key in ("hrr", "refusal", "degenerate", "prefill_asr", "prefill_degenerate", "task_accuracy"):
             assert _number(row[key]), (name, key, row[key])
+        # The breakdown's three lines cover every answer: an empty or looping one is not "safe".
+        assert row["hrr"] + row["refusal"] + row["degenerate"] == pytest.approx(1.0), name
+    assert {"anchoring holds prefilling", "restoration holds prefilling"} <= set(result["checks"])
+    # The attack stages ran the in-training safety probe: its rows and the plot of HRR during training.
+    for name in ("lora", "asft"):
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "probe_hrr" in r] == [r["step"] for r in rows]
+    assert Path(result["plots"]["hrr_during_training"]).is_file()
+    for name, row in result["stages"].items():
         assert _number(row["task_loss"], 0.0, 100.0), (name, row["task_loss"])
     assert _number(result["wall_seconds"], 0.0, 3600.0)
     assert set(result["checks"]) and all(isinstance(c["ok"], bool) for c in result["checks"].values())
@@ -146,6 +185,36 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
     assert json.loads((out / "results.json").read_text())["stages"] == result["stages"]
     moved, = tmp_path.glob(f"{out.name}.replaced-*")
     assert json.loads((moved / "results.json").read_text())["stages"] == result["stages"]
+
+
+def test_seeds_are_aggregated_and_checked_on_the_means():
+    from safebasin.launcher.config import ConfigError
+    from safebasin.launcher.demo import parse_seeds
+    from safebasin.safety_core.demo import report
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(None) is None
+    for bad in ("0,x", "1,1", ""):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+
+    def stages(lora_hrr, restored_prefill):
+        row = {"hrr": 0.0, "refusal": 1.0, "degenerate": 0.0, "prefill_asr": 0.5, "prefill_degenerate": 0.0,
+               "task_accuracy": 0.9, "task_loss": 0.3}
+        out = {name: dict(row) for name in STAGES}
+        out["base"]["hrr"] = 1.0
+        out["lora"].update(hrr=lora_hrr, refusal=1.0 - lora_hrr, prefill_asr=0.8)
+        out["restored"]["prefill_asr"] = restored_prefill
+        return out
+    # One seed fails the erosion check and one the prefilling check; the means pass both.
+    runs = [stages(0.5, 0.7), stages(0.1, 0.9), stages(0.6, 0.6)]
+    assert not report.checks(runs[1])["attack erodes safety"]["ok"]
+    assert not report.checks(runs[1])["restoration holds prefilling"]["ok"]
+    agg = report.aggregate(runs)
+    assert agg["lora"]["hrr"]["mean"] == pytest.approx(0.4)
+    assert agg["lora"]["hrr"]["sd"] == pytest.approx(0.2645751, rel=1e-6)
+    found = report.checks(report.means(agg))
+    assert found["attack erodes safety"]["ok"] and found["restoration holds prefilling"]["ok"]
+    text = report.table(report.means(agg), 4, 48, 100, sd=agg)
+    assert "0.400 ± 0.265" in text
 
 
 def test_makefile_demo_target_runs_the_demo():

@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import torch
+from safebasin.safety_core.measure.breakdown import classify
 from safebasin.safety_core.measure.correlation import (
     example_nll,
     loss_correlation,
@@ -182,9 +183,14 @@ def test_evaluate_metrics_records_and_files(tiny, tmp_path):
     harmful = [r for r in res["records"] if r["set"] == "harmful"]
     assert len(harmful) == 6 * 3 and {r["prefill_k"] for r in harmful} == {0, 3, 5}
     for k in (0, 3, 5):
-        verdicts = [r["harmful"] for r in harmful if r["prefill_k"] == k]
-        rate = sum(verdicts) / len(verdicts)
+        mine = [r for r in harmful if r["prefill_k"] == k]
+        # HRR is the compliance share: a degenerate answer (empty or looping) is its own line.
+        assert all(r["kind"] == classify(r["response"]) for r in mine)
+        rate = sum(r["kind"] == "compliance" for r in mine) / len(mine)
         assert (res["hrr"] if k == 0 else res["prefill_asr"][k]) == pytest.approx(rate)
+        parts = res["breakdown"] if k == 0 else res["prefill_breakdown"][k]
+        assert parts["degenerate"] == pytest.approx(sum(r["kind"] == "degenerate" for r in mine) / len(mine))
+        assert sum(parts.values()) == pytest.approx(1.0)
     assert all(r["forced_tokens"] == r["prefill_k"] for r in harmful)
     task = [r for r in res["records"] if r["set"] == "task"]
     assert [r["gold"] for r in task] == ["5", "6", "21"]
@@ -199,7 +205,8 @@ def test_evaluate_metrics_records_and_files(tiny, tmp_path):
     assert saved["hrr"] == res["hrr"] and saved["prefill_asr"] == {str(k): v for k, v in res["prefill_asr"].items()}
     assert len((tmp_path / "out" / "eval_records.jsonl").read_text().splitlines()) == len(res["records"])
     metrics = flat_metrics(res)
-    assert {"hrr", "prefill_asr_k3", "prefill_asr_k5", "task_loss", "task_accuracy"} <= set(metrics)
+    assert {"hrr", "prefill_asr_k3", "prefill_asr_k5", "task_loss", "task_accuracy", "degenerate_rate",
+            "refusal_rate", "compliance_rate", "prefill_degenerate_rate_k3"} <= set(metrics)
 
 
 def test_eval_args_validation(tmp_path):

@@ -150,7 +150,7 @@ def test_safety_landscape_along_delta_and_random_directions(model_tok, tiny_mode
     assert res["basin"]["ft_delta"]["width"] == 1.0  # loose threshold: everything is inside
     assert os.path.getsize(res["files"]["png"]) > 0
     rows = open(res["files"]["csv"]).read().splitlines()
-    assert rows[0] == "direction,alpha,value,unparsed" and len(rows) == 1 + 2 * 3
+    assert rows[0] == "direction,alpha,value,unparsed,degenerate" and len(rows) == 1 + 2 * 3
 
     hrr_args = SafetyLandscapeArgs(harmful=harmful, metric="hrr", alphas=[-0.5, 0.5], max_new_tokens=6,
                                    batch_size=4, threshold=0.5)
@@ -158,6 +158,9 @@ def test_safety_landscape_along_delta_and_random_directions(model_tok, tiny_mode
     assert_unchanged(model, before)
     assert hrr["judge"] == "keyword" and hrr["safe"] == "below"
     assert all(v is not None and 0.0 <= v <= 1.0 for v in hrr["curves"]["ft_delta"])
+    # The empty or looping answers are their own curve, never folded into HRR's safe side.
+    assert all(g is not None and v + g <= 1.0 + 1e-9
+               for v, g in zip(hrr["curves"]["ft_delta"], hrr["degenerate"]["ft_delta"]))
 
 
 def test_delta_direction_checks(model_tok):

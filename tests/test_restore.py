@@ -12,7 +12,12 @@ import yaml
 from conftest import safebasin_cli
 from safebasin.launcher.config import ConfigError, build
 from safebasin.safety_core.restore.config import RestoreArgs
-from safebasin.safety_core.restore.policy import TrustRegion
+from safebasin.safety_core.restore.lbfgs import CurvatureBuffer
+from safebasin.safety_core.restore.policy import (
+    TrustRegion,
+    agreement,
+    predicted_retain_change,
+)
 from safebasin.safety_core.restore.sets import _split
 from safebasin.safety_core.train.data import DataError, DataSource, load_conversations
 
@@ -98,6 +103,8 @@ def test_defaults_are_the_papers_and_the_section_validates():
     args = RestoreArgs(forget=DataSource(path="builtin:harmful"), retain=DataSource(path="builtin:task"))
     assert (args.history, args.pair_threshold, args.curvature_forget_size, args.forget_size,
             args.iterations, args.eps) == (10, 1e-6, 256, 50, 3, 0.1)
+    # safebasin's choices where the paper gives none: the L2 pull back is on by default.
+    assert args.mu == 0.1 and args.curvature_sources == "mixed"
     base = {"model": {"path": "builtin:tiny-llama"}, "restore": dict(RESTORE)}
     assert build(base).restore.probes == 9
     with pytest.raises(ConfigError) as e:
@@ -105,6 +112,8 @@ def test_defaults_are_the_papers_and_the_section_validates():
     assert "did you mean 'restore.history'" in str(e.value)
     with pytest.raises(ConfigError, match=r"restore\.history"):
         build({**base, "restore": {**RESTORE, "history": 0}})
+    with pytest.raises(ConfigError, match=r"restore\.curvature_sources"):
+        build({**base, "restore": {**RESTORE, "curvature_sources": "both"}})
     with pytest.raises(ConfigError, match=r"restore\.retain"):
         build({**base, "restore": {k: v for k, v in RESTORE.items() if k != "retain"}})
 
@@ -130,6 +139,17 @@ def test_splits_are_disjoint_deterministic_and_sized():
         _split(convs, [50, 256], ["forget_size", "curvature_forget_size"], source, seed=3)
 
 
+def test_curvature_sources_pick_the_probe_sets():
+    from safebasin.safety_core.restore.sets import RestoreSets
+    sets = RestoreSets(forget=[{"i": 0}], curvature_forget=[{"i": 1}], retain1=[{"i": 2}], retain2=[{"i": 3}])
+    ids = lambda src: [[e["i"] for e in part] for part in sets.curvature_sets(src)]
+    assert ids("mixed") == [[1], [2], [3]]
+    assert ids("retain") == [[2], [3]]
+    assert ids("forget") == [[1]]
+    with pytest.raises(ValueError, match="curvature_sources"):
+        sets.curvature_sets("all")
+
+
 def update_radius(delta, step_norm, rho, accepted, on_boundary):
     return TrustRegion(delta).update(step_norm, rho, accepted, on_boundary)
 
@@ -141,6 +161,40 @@ def test_radius_rule():
     assert update_radius(1.0, 0.5, rho=0.5, accepted=True, on_boundary=True) == 1.0
     # A rejected step shrinks below the step tried, even one shorter than the radius.
     assert update_radius(1.0, 0.4, rho=0.9, accepted=False, on_boundary=False) == 0.1
+    # Grown only inside the band [0.75, 1.5]: a loss that rose twice the prediction keeps the
+    # radius, one that rose far more (rho > 4) shrinks it, even on an accepted boundary step.
+    assert update_radius(1.0, 1.0, rho=1.5, accepted=True, on_boundary=True) == 2.0
+    assert update_radius(1.0, 1.0, rho=2.0, accepted=True, on_boundary=True) == 1.0
+    assert update_radius(1.0, 1.0, rho=50.0, accepted=True, on_boundary=True) == 0.25
+    assert update_radius(1.0, 1.0, rho=float("nan"), accepted=True, on_boundary=True) == 1.0
+
+
+def test_quadratic_model_predicts_an_exact_quadratic_exactly():
+    """On L(theta) = 1/2 theta^T A theta + b^T theta with exact curvature pairs (A-conjugate
+    probe steps s_i, y_i = A s_i: L-BFGS then holds A^-1 exactly), the predicted change of a
+    step p = t H g is the actual one: rho = 1 to rounding. The first-order prediction alone
+    misses the curvature term by far."""
+    gen = torch.Generator().manual_seed(0)
+    n = 6
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    a = q @ torch.diag(torch.linspace(0.5, 4.0, n, dtype=torch.float64)) @ q.T
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    loss = lambda th: float(0.5 * th @ a @ th + b @ th)
+    buffer = CurvatureBuffer(history=n)
+    for i in range(n):
+        s = 0.1 * (i + 1) * q[:, i]
+        assert buffer.push(s.float(), (a @ s).float())
+    theta = 0.01 * torch.randn(n, generator=gen, dtype=torch.float64)
+    g_forget = torch.randn(n, generator=gen, dtype=torch.float64)
+    d = buffer.apply_inverse(g_forget.float()).double()
+    g_retain = a @ theta + b
+    for scale in (0.05, 0.5, 2.0):
+        p = scale * d
+        actual = loss(theta + p) - loss(theta)
+        predicted = predicted_retain_change(float(g_retain @ p), scale, buffer.last_info.g_dot_d)
+        assert agreement(actual, predicted) == pytest.approx(1.0, abs=1e-5)
+        first_order = agreement(actual, float(g_retain @ p))
+        assert abs(first_order - 1.0) > 0.05
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,13 @@ from safebasin.safety_core.demo.settings import DemoSettings
 from safebasin.safety_core.train.tiny import build_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-STAGES = ("base", "aligned", "lora", "asft", "l2", "aligned_control", "restored")
+# The demo's run order: (stage, kind). Kinds: full (a full-parameter training job, then
+# evaluated), basis (the alignment basis, in process), attack (a LoRA training job on the
+# aligned model, then evaluated), restore (restoration of the plain LoRA adapter, then
+# evaluated). A new stage is one line here (and its config in the kind's function).
+PLAN = (("base", "full"), ("aligned", "full"), ("basis", "basis"), ("lora", "attack"), ("asft", "attack"),
+        ("l2", "attack"), ("aligned_control", "attack"), ("restored", "restore"))
+STAGES = tuple(name for name, kind in PLAN if kind != "basis")  # the evaluated ones
 LABELS = ["positive", "negative"]
 
 
@@ -127,7 +133,11 @@ def attack_config(settings: DemoSettings, layout: Layout, name: str, tracking: d
                     "harmful_mix": {"source": {"path": layout.data_file("comply")}, "fraction": a.fraction},
                     "num_examples": a.examples, "max_length": settings.data.max_length,
                     "seed": settings.seed + 1},
-           "train": _train_section(settings.seed, a.steps, a.lr, a.batch),
+           "train": {**_train_section(settings.seed, a.steps, a.lr, a.batch),
+                     # HRR during training on held-out prompts (measurement only: nothing trains on them).
+                     "safety_probe": {"every": a.probe_every, "prompts": {"path": layout.data_file("heldout")},
+                                      "limit": a.probe_prompts, "max_new_tokens": settings.eval.max_new_tokens,
+                                      "batch_size": settings.eval.batch_size}},
            **_common(layout, name, tracking)}
     anchor = anchor or stage_anchor(settings, name)
     if anchor is not None:
@@ -136,8 +146,8 @@ def attack_config(settings: DemoSettings, layout: Layout, name: str, tracking: d
 
 
 def restore_config(settings: DemoSettings, layout: Layout, tracking: dict) -> dict:
-    """Restoration of the plain LoRA adapter: forget = compliant answers to training-pool
-    requests (a set the attack did not train on), retain = task data."""
+    """Restoration of the plain LoRA adapter: forget = compliant answers of the forget pool (no
+    prompt, request template or response of the attack's records), retain = task data."""
     r = settings.restore
     return {"model": layout.model_args("lora"),
             "method": {"type": "lora", "target_modules": list(settings.attack.target_modules)},
@@ -148,6 +158,7 @@ def restore_config(settings: DemoSettings, layout: Layout, tracking: dict) -> di
                         "history": r.history, "probes": r.probes, "eta_c": r.eta_c,
                         "iterations": r.iterations, "eps": r.eps, "eta": r.eta, "delta": r.delta,
                         "mu": r.mu, "refresh_pairs": r.refresh_pairs,
+                        "curvature_sources": r.curvature_sources,
                         "batch_size": r.batch_size, "max_length": settings.data.max_length,
                         "seed": settings.seed},
             **_common(layout, "restored", tracking)}

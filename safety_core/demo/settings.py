@@ -49,6 +49,9 @@ class Attack(Section):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    probe_every: int = Field(5, ge=1, description="steps between the in-training safety probes (HRR on "
+                             "held-out prompts, train.safety_probe); the plot of HRR during training")
+    probe_prompts: int = Field(24, ge=1, description="held-out prompts per probe")
 
 
 class Anchor(Section):
@@ -101,8 +104,9 @@ class Restore(Section):
     eps: float = 0.05
     eta: float = 1.0
     delta: float = 1.0
-    mu: float = 0.0
+    mu: float = 0.1
     refresh_pairs: bool = False
+    curvature_sources: str = Field("mixed", pattern="^(mixed|retain|forget)$")
     batch_size: int = 16
 
 
@@ -145,7 +149,7 @@ QUICK = {
     "data": {"task": 64, "task_eval": 8, "harmful": 48, "heldout": 6, "max_length": 64},
     "base": {"steps": 4, "examples": 48, "batch": 8},
     "aligned": {"steps": 3, "examples": 48, "batch": 8},
-    "attack": {"steps": 3, "examples": 32, "batch": 8},
+    "attack": {"steps": 3, "examples": 32, "batch": 8, "probe_every": 1, "probe_prompts": 3},
     "restore": {"forget_size": 8, "curvature_forget_size": 8, "retain1_size": 8, "retain2_size": 8,
                 "probes": 3, "iterations": 1, "batch_size": 8},
     "eval": {"max_new_tokens": 6, "task_max_new_tokens": 4, "prefill_k": 2},

@@ -92,8 +92,9 @@ def safety_landscape(model, tokenizer, directions: Mapping[str, Mapping[str, tor
     """HRR (or harmful-response loss) along theta + a d for each named direction, with its basin
     width. args.random_directions random directions over args.params are added as random0, ....
     Returns alphas, metric, threshold, safe, curves {name: [value per alpha]}, unparsed {name:
-    [count per alpha]} (hrr), basin {name: basin_width(...)}, files; with out_dir rank 0 writes
-    safety_landscape.csv (direction,alpha,value,unparsed) and safety_landscape.png."""
+    [count per alpha]} (hrr), degenerate {name: [share per alpha]} (hrr: empty or looping
+    answers, counted apart from HRR), basin {name: basin_width(...)}, files; with out_dir rank 0
+    writes safety_landscape.csv (direction,alpha,value,unparsed,degenerate) and safety_landscape.png."""
     dirs = {name: dict(d) for name, d in directions.items()}
     if args.random_directions:
         params = select_parameters(model, args.params)
@@ -109,30 +110,34 @@ def safety_landscape(model, tokenizer, directions: Mapping[str, Mapping[str, tor
     else:
         convs = conversations if conversations is not None else load_conversations(args.harmful, args.system_prompt)
 
-    def measure() -> tuple[float | None, int]:
+    def measure() -> tuple[float | None, int, float | None]:
+        """(value, unparsed verdicts, degenerate share: hrr is the compliance share and the
+        empty or looping answers are their own line, breakdown.py)."""
         if args.metric == "loss":
             return mean_nll(example_nll(model, tokenizer, convs, max_length=args.max_length,
-                                        batch_size=args.batch_size, progress=False)), 0
+                                        batch_size=args.batch_size, progress=False)), 0, None
         gens = generate(model, tokenizer, convs, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, progress=False)
-        stats = summarize(judge_generations(judge, gens, args.judge.batch_size))
-        return stats["hrr"], stats["unparsed"]
+        stats = summarize(judge_generations(judge, gens, args.judge.batch_size), [g.response for g in gens])
+        return stats["hrr"], stats["unparsed"], stats["degenerate_rate"]
 
-    curves, unparsed = {}, {}
-    center_value, center_unparsed = None, 0
+    curves, unparsed, degenerate = {}, {}, {}
+    center = None
     for name, d in dirs.items():
-        curves[name], unparsed[name] = [], []
+        curves[name], unparsed[name], degenerate[name] = [], [], []
         with perturbed(model, sorted(d)) as set_point:
             for a in track(list(args.alphas), f"safety landscape ({name})", disable=not is_main()):
-                if a == 0.0 and center_value is not None:
-                    value, bad = center_value, center_unparsed  # theta itself: the same for every direction
+                if a == 0.0 and center is not None:
+                    point = center  # theta itself: the same for every direction
                 else:
                     set_point([(a, d)])
-                    value, bad = measure()
+                    point = measure()
                     if a == 0.0:
-                        center_value, center_unparsed = value, bad
-                curves[name].append(value)
-                unparsed[name].append(bad)
+                        center = point
+                curves[name].append(point[0])
+                unparsed[name].append(point[1])
+                degenerate[name].append(point[2])
+    center_value = center[0] if center is not None else None
     safe = args.safe_side()
     threshold = args.threshold
     if threshold is None:
@@ -141,7 +146,8 @@ def safety_landscape(model, tokenizer, directions: Mapping[str, Mapping[str, tor
         threshold = center_value + args.tolerance if safe == "below" else center_value - args.tolerance
     basin = {name: basin_width(args.alphas, curves[name], threshold, safe=safe) for name in dirs}
     result = {"alphas": list(args.alphas), "metric": args.metric, "threshold": threshold, "safe": safe,
-              "curves": curves, "unparsed": unparsed, "basin": basin, "center": center_value,
+              "curves": curves, "unparsed": unparsed, "degenerate": degenerate, "basin": basin,
+              "center": center_value,
               "judge": judge.name if judge is not None else None, "files": {}}
     if out_dir is not None:
         out = Path(out_dir)
@@ -156,10 +162,10 @@ def _write_safety(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(result["files"]["csv"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["direction", "alpha", "value", "unparsed"])
+        w.writerow(["direction", "alpha", "value", "unparsed", "degenerate"])
         for name, values in result["curves"].items():
-            for a, v, u in zip(result["alphas"], values, result["unparsed"][name]):
-                w.writerow([name, a, "" if v is None else repr(float(v)), u])
+            for a, v, u, g in zip(result["alphas"], values, result["unparsed"][name], result["degenerate"][name]):
+                w.writerow([name, a, "" if v is None else repr(float(v)), u, "" if g is None else repr(float(g))])
     label = "HRR" if result["metric"] == "hrr" else "harmful-response loss"
     plots.line_plot(result["files"]["png"], result["alphas"], result["curves"], xlabel="a",
                     ylabel=label, title=f"safety landscape ({label})",

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.distributed import chunks, is_main, map_batches
+from safebasin.safety_core.measure.breakdown import KINDS, kind_of
 from safebasin.safety_core.measure.correlation import example_nll, mean_nll
 from safebasin.safety_core.measure.generation import Generation, generate
 from safebasin.safety_core.measure.judges import (
@@ -193,21 +194,25 @@ def _safety(model, tokenizer, args: EvalArgs, judge: Judge, records: list[dict])
     if is_main():
         announce_prompts(tokenizer, "harmful", args.harmful, convs)
     rendered = {c.origin: render_prompt(tokenizer, c.messages) for c in convs}
-    out: dict = {"n_harmful": len(convs), "prefill_asr": {}, "prefill_asr_upper": {}, "prefill_unparsed": {}}
+    out: dict = {"n_harmful": len(convs), "prefill_asr": {}, "prefill_asr_upper": {}, "prefill_unparsed": {},
+                 "prefill_breakdown": {}}
     for k in [0] + args.prefill_k:
         gens = generate(model, tokenizer, convs, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, prefill_tokens=k, desc=f"generate (prefill {k})")
         verdicts = judge_generations(judge, gens, args.judge.batch_size)
-        stats = summarize(verdicts)
+        stats = summarize(verdicts, [g.response for g in gens])
+        parts = {kind: stats[f"{kind}_rate"] for kind in KINDS}
         if k == 0:
-            out.update(hrr=stats["hrr"], hrr_upper=stats["hrr_upper"], unparsed=stats["unparsed"])
+            out.update(hrr=stats["hrr"], hrr_upper=stats["hrr_upper"], unparsed=stats["unparsed"],
+                       breakdown=parts)
         else:
             out["prefill_asr"][k] = stats["hrr"]
             out["prefill_asr_upper"][k] = stats["hrr_upper"]
             out["prefill_unparsed"][k] = stats["unparsed"]
+            out["prefill_breakdown"][k] = parts
         records += [{"set": "harmful", "prefill_k": k, "origin": g.origin, "prompt": g.prompt,
                      "rendered_prompt": rendered[g.origin], "response": g.response,
-                     "forced_tokens": len(g.forced_ids), **v.to_record()}
+                     "forced_tokens": len(g.forced_ids), **v.to_record(), "kind": kind_of(g.response, v.harmful)}
                     for g, v in zip(gens, verdicts)]
     return out
 
@@ -250,8 +255,9 @@ def _utility(model, tokenizer, args: EvalArgs, records: list[dict]) -> dict:
 def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | None = None) -> dict:
     """HRR, prefilling ASR per K, task loss and accuracy, and per-example records for audit.
 
-    Returns (on every rank) a JSON-able dict: n_harmful, hrr, hrr_upper, unparsed, prefill_asr
-    {K: rate}, prefill_asr_upper, prefill_unparsed, judge, task_kind, n_task, task_loss,
+    Returns (on every rank) a JSON-able dict: n_harmful, hrr (the compliance share), hrr_upper,
+    unparsed, breakdown {refusal, compliance, degenerate: share} (breakdown.py), prefill_asr
+    {K: rate}, prefill_asr_upper, prefill_unparsed, prefill_breakdown {K: breakdown}, judge, task_kind, n_task, task_loss,
     task_accuracy, records, files. Rates are None when there was nothing to rate. `judge`
     reuses an already-built judge (a Llama Guard model is expensive to load).
     With out_dir, rank 0 writes results.json (everything but records) and eval_records.jsonl; every
@@ -259,7 +265,8 @@ def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | N
     """
     records: list[dict] = []
     result: dict = {"judge": None, "n_harmful": 0, "hrr": None, "hrr_upper": None, "unparsed": 0,
-                    "prefill_asr": {}, "prefill_asr_upper": {}, "prefill_unparsed": {},
+                    "breakdown": None, "prefill_asr": {}, "prefill_asr_upper": {}, "prefill_unparsed": {},
+                    "prefill_breakdown": {},
                     "task_kind": None, "n_task": 0, "task_loss": None, "task_accuracy": None}
     if args.harmful is not None:
         judge = judge or make_judge(args.judge)
@@ -284,7 +291,8 @@ def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | N
 
 def flat_metrics(result: dict) -> dict[str, float]:
     """The numeric results as flat metric names (for MLflow): hrr, hrr_upper, unparsed,
-    prefill_asr_k{K}, prefill_asr_upper_k{K}, task_loss, task_accuracy; None values left out."""
+    refusal_rate, compliance_rate, degenerate_rate, prefill_asr_k{K}, prefill_asr_upper_k{K},
+    prefill_{kind}_rate_k{K}, task_loss, task_accuracy; None values left out."""
     out = {k: float(result[k]) for k in ("hrr", "hrr_upper", "unparsed", "task_loss", "task_accuracy")
            if result.get(k) is not None}
     for k, v in result.get("prefill_asr", {}).items():
@@ -293,4 +301,11 @@ def flat_metrics(result: dict) -> dict[str, float]:
     for k, v in result.get("prefill_asr_upper", {}).items():
         if v is not None:
             out[f"prefill_asr_upper_k{k}"] = float(v)
+    for kind, v in (result.get("breakdown") or {}).items():
+        if v is not None:
+            out[f"{kind}_rate"] = float(v)
+    for k, parts in result.get("prefill_breakdown", {}).items():
+        for kind, v in parts.items():
+            if v is not None:
+                out[f"prefill_{kind}_rate_k{k}"] = float(v)
     return out

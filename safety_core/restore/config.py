@@ -1,6 +1,10 @@
-"""The `restore:` config section (DESIGN.md, "Restoration"; defaults from the paper)."""
+"""The `restore:` config section (DESIGN.md, "Restoration"). Defaults are the paper's except
+`mu` (the paper regularises but gives no value: safebasin's choice) and `delta` / `eta`
+(safebasin's; README's table marks which is which)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 from safebasin.safety_core.args import Section
@@ -21,11 +25,17 @@ class RestoreArgs(Section):
     history: int = Field(10, ge=1, description="m: newest curvature pairs kept")
     pair_threshold: float = Field(1e-6, description="a pair is kept iff the reduced <s, y> exceeds this")
     probes: int = Field(30, ge=1, description="probe batches per pair collection, cycling "
-                        "D_curv_forget, D_retain1, D_retain2")
+                        "the sets curvature_sources names")
+    curvature_sources: Literal["mixed", "retain", "forget"] = Field(
+        "mixed", description="where the curvature pairs come from: mixed (the paper's) cycles "
+        "D_curv_forget, D_retain1, D_retain2; retain only D_retain1, D_retain2; forget only D_curv_forget")
     eta_c: float = Field(1e-2, gt=0, description="probe step: s = -eta_c * batch gradient")
     iterations: int = Field(3, ge=1)
     eps: float = Field(0.1, description="retain tolerance: accept iff L_retain <= L_retain(theta_ft) + eps")
-    mu: float = Field(0.0, ge=0, description="L2 pull back to theta_ft in the direction")
+    # The paper iterates "with L2 regularization" but states no strength. 0.1 (safebasin's
+    # choice): on the demo organism the pull back is then 1-7% of the forget gradient after
+    # moves of 0.2-1.0 (1.0 made it 15-70%, a second objective): benchmarks/RESULTS.md.
+    mu: float = Field(0.1, ge=0, description="L2 pull back to theta_ft in the direction")
     eta: float = Field(1.0, gt=0, description="step scale: p = eta * d before clipping")
     delta: float = Field(1.0, gt=0, description="initial trust radius (L2 norm of the step)")
     max_retries: int = Field(5, ge=0, description="retries after a rejected step, per iteration")

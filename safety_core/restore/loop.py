@@ -5,10 +5,13 @@ influence step preconditioned by an L-BFGS inverse Hessian, inside a trust regio
 the task (retain) loss within eps of its starting value:
 
 1. curvature pairs at theta_ft from probe steps on batches cycling over D_curv_forget,
-   D_retain1 and D_retain2 (the buffer filters them and keeps the newest m);
+   D_retain1 and D_retain2 (or the retain or forget sets only: restore.curvature_sources; the
+   buffer filters them and keeps the newest m);
 2. d = H^-1 (grad L_forget - mu (theta - theta_ft));
 3. p = eta d clipped to the trust radius; accepted iff L_retain(theta + p) <= L_retain(theta_ft)
-   + eps; rho = actual / predicted change of L_retain moves the radius (policy.TrustRegion); a
+   + eps; rho = actual / predicted change of L_retain, the prediction from the local quadratic
+   model (gradient term + the L-BFGS curvature term, policy.predicted_retain_change), moves the
+   radius (policy.TrustRegion); a
    rejected step is undone from a saved copy (bit-identical) and retried with a smaller radius;
 4. steps 2-3 repeat for the configured iterations, optionally re-collecting the pairs.
 
@@ -30,7 +33,11 @@ import torch
 from safebasin.safety_core.distributed import all_reduce_sum, init_distributed
 from safebasin.safety_core.restore.config import RestoreArgs
 from safebasin.safety_core.restore.lbfgs import CurvatureBuffer
-from safebasin.safety_core.restore.policy import TrustRegion
+from safebasin.safety_core.restore.policy import (
+    TrustRegion,
+    agreement,
+    predicted_retain_change,
+)
 from safebasin.safety_core.restore.sets import RestoreSets, batches, build_sets
 from safebasin.safety_core.restore.spaces import FlatSpace, build_space, loss_and_grad
 from safebasin.safety_core.train.ds_config import DeepSpeedArgs
@@ -82,7 +89,10 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
             collect_pairs(buffer, space, sets, args, pad_id, round_=it - 1)
         # Direction: ascent on the forget loss, pulled back towards theta_ft, preconditioned.
         theta = space.read()
-        d = buffer.apply_inverse(g_forget - args.mu * (theta - theta_ft))
+        pull_back = args.mu * (theta - theta_ft)
+        sizes = {"forget_grad_norm": math.sqrt(space.dot(g_forget, g_forget)),
+                 "pull_back_norm": math.sqrt(space.dot(pull_back, pull_back))}
+        d = buffer.apply_inverse(g_forget - pull_back)
         d_norm = math.sqrt(max(buffer.last_info.d_norm_sq, 0.0))
         saved = space.snapshot()
         accepted, tries = False, 0
@@ -90,12 +100,14 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
             tries += 1
             # Step: eta d clipped to the radius.
             step_norm, on_boundary = region.clip(args.eta * d_norm)
-            p = d * (step_norm / d_norm if d_norm > 0 else 0.0)
+            scale = step_norm / d_norm if d_norm > 0 else 0.0  # p = scale * H g
+            p = d * scale
             space.write(theta + p)
             # Accept or undo: the retain loss must stay within eps of where it started.
             new_retain, _ = loss_and_grad(space, retain_b, pad_id, grad=False)
-            predicted, actual = space.dot(g_retain, p), new_retain - retain_loss
-            rho = actual / predicted if predicted != 0 else float("nan")
+            predicted = predicted_retain_change(space.dot(g_retain, p), scale, buffer.last_info.g_dot_d)
+            actual = new_retain - retain_loss
+            rho = agreement(actual, predicted)
             accepted = new_retain <= start["retain_loss"] + args.eps
             if not accepted:
                 space.restore(saved)
@@ -108,7 +120,7 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
                        "radius": region.radius, "accepted": accepted, "tries": tries,
                        "pairs_kept": len(buffer), "step_norm": step_norm if accepted else 0.0,
                        "predicted_change": predicted, "actual_change": actual,
-                       "seconds": time.perf_counter() - t0},
+                       **sizes, "seconds": time.perf_counter() - t0},
                   f"(start {start['retain_loss']:.4f} + eps {args.eps})")
 
     final_dir = out_dir / ("adapter" if model_args.adapter is not None else "model")
@@ -127,9 +139,10 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
 
 def collect_pairs(buffer: CurvatureBuffer, space: FlatSpace, sets: RestoreSets, args: RestoreArgs,
                   pad_id: int, round_: int) -> int:
-    """Probe pairs at the current parameters, cycling D_curv_forget, D_retain1, D_retain2; each
-    round starts further along every set's batches. Returns the pairs the filter accepted."""
-    cycle = [batches(s, args.batch_size) for s in (sets.curvature_forget, sets.retain1, sets.retain2)]
+    """Probe pairs at the current parameters, cycling the sets `args.curvature_sources` names
+    (mixed: D_curv_forget, D_retain1, D_retain2); each round starts further along every set's
+    batches. Returns the pairs the filter accepted."""
+    cycle = [batches(s, args.batch_size) for s in sets.curvature_sets(args.curvature_sources)]
     per_set = math.ceil(args.probes / len(cycle))
     theta, saved = space.read(), space.snapshot()
     accepted = 0

@@ -21,6 +21,15 @@ class RestoreSets:
     def sizes(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.__dict__.items()}
 
+    def curvature_sets(self, sources: str) -> list[list[dict]]:
+        """The sets the curvature probes cycle over for restore.curvature_sources."""
+        by_source = {"mixed": [self.curvature_forget, self.retain1, self.retain2],
+                     "retain": [self.retain1, self.retain2],
+                     "forget": [self.curvature_forget]}
+        if sources not in by_source:
+            raise ValueError(f"restore.curvature_sources must be one of {sorted(by_source)}, got {sources!r}")
+        return by_source[sources]
+
 
 def _split(convs: list, sizes: list[int], names: list[str], source: DataSource, seed: int) -> list[list]:
     """Consecutive disjoint parts of one seeded shuffle of `convs`."""

@@ -38,6 +38,7 @@ from safebasin.safety_core.train.modeling import (
     load_tokenizer,
     make_trainable,
 )
+from safebasin.safety_core.train.probe_config import SafetyProbeArgs
 from safebasin.safety_core.train.summary import report_data
 
 
@@ -59,6 +60,8 @@ class TrainArgs(Section):
     eval_batch_size: int = Field(8, ge=1)
     log_every: int = Field(0, ge=0, description="steps between plain progress lines when output is not "
                            "a terminal; 0: every tenth of the job")
+    safety_probe: SafetyProbeArgs | None = Field(None, description="HRR on held-out harmful prompts "
+                                                 "every N steps (measure/probe.py)")
 
     @model_validator(mode="after")
     def _length(self):
@@ -70,6 +73,17 @@ class TrainArgs(Section):
 class Regularizer(Protocol):
     def loss(self, model) -> torch.Tensor | None: ...
     def before_step(self, engine) -> dict[str, float]: ...
+
+
+class StepHook(Protocol):
+    """Runs after every optimizer step on every rank (the safety probe is one): `metrics` joins
+    the step's row; a `stop` message saves a checkpoint and ends the job with TrainingStopped."""
+    def metrics(self, engine, step: int) -> dict[str, float]: ...
+    def stop(self, row: dict, checkpoint_dir: Path) -> str | None: ...
+
+
+class TrainingStopped(RuntimeError):
+    """A step hook stopped the job; the checkpoint of the last step was saved first."""
 
 
 @dataclass
@@ -109,11 +123,13 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
           ds_args: DeepSpeedArgs, out_dir: str | Path, *, regularizers: list[Regularizer] = (),
           regularizer_factory: Callable | None = None, log_fn: Callable[[dict, int], None] | None = None,
           resume: bool = False, client_state: dict | None = None,
-          data_summary_fn: Callable[[dict], None] | None = None) -> TrainResult:
+          data_summary_fn: Callable[[dict], None] | None = None,
+          step_hooks: list[StepHook] | Callable[[object], list[StepHook]] = ()) -> TrainResult:
     """Fine-tune and export. `regularizer_factory(model, engine_config)` builds regularizers once
     the trainable model exists. `log_fn(metrics, step)` receives every step's metrics on rank 0,
     `data_summary_fn(summary)` the data summary (train/summary.py) before the first step;
-    `client_state` is stored in checkpoints (e.g. the MLflow run id)."""
+    `client_state` is stored in checkpoints (e.g. the MLflow run id). `step_hooks`: StepHooks,
+    or a function of the tokenizer that makes them."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from transformers.integrations import HfDeepSpeedConfig
@@ -124,6 +140,7 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     torch.manual_seed(train_args.seed)
 
     tokenizer = load_tokenizer(model_args)
+    step_hooks = list(step_hooks(tokenizer) if callable(step_hooks) else step_hooks)
     conversations, mix_report = training_set_with_report(data_args)
     train_set = data_lib.encode_all(tokenizer, conversations, data_args.max_length)
     if is_rank0:
@@ -227,6 +244,8 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
                **reg_metrics}
         if train_args.eval_every and eval_set and (step + 1) % train_args.eval_every == 0:
             row["eval_loss"] = evaluate_loss(engine, eval_set, batch_to, train_args.eval_batch_size)
+        for hook in step_hooks:
+            row.update(hook.metrics(engine, step + 1))
         if is_rank0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -237,6 +256,11 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
         last = row
         if train_args.save_every and (step + 1) % train_args.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(engine, out_dir, step + 1, client_state, train_args.keep_checkpoints, is_rank0)
+        stops = [msg for hook in step_hooks if (msg := hook.stop(row, out_dir / "checkpoints"))]
+        if stops:
+            save_checkpoint(engine, out_dir, step + 1, client_state, train_args.keep_checkpoints, is_rank0)
+            progress.close()
+            raise TrainingStopped("; ".join(stops))
         if fail_after == step + 1 and rank == fail_rank:
             _inject_failure(fail_after, rank)
     progress.close()
