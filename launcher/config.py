@@ -19,6 +19,7 @@ from safebasin.safety_core.args import Section
 from safebasin.safety_core.measure.evaluation import EvalArgs
 from safebasin.safety_core.measure.landscape_job import LandscapeJobArgs
 from safebasin.safety_core.restore.config import RestoreArgs
+from safebasin.safety_core.runtime import RuntimeArgs
 from safebasin.safety_core.train.data import DataArgs
 from safebasin.safety_core.train.ds_config import DeepSpeedArgs
 from safebasin.safety_core.train.modeling import MethodArgs, ModelArgs
@@ -49,6 +50,7 @@ class JobConfig(Section):
     deepspeed: DeepSpeedArgs = Field(default_factory=lambda: DeepSpeedArgs(stage=0))
     tracking: TrackingArgs = Field(default_factory=TrackingArgs)
     output: OutputArgs = Field(default_factory=OutputArgs)
+    runtime: RuntimeArgs = Field(default_factory=RuntimeArgs)
     eval: EvalArgs | None = None
     landscape: LandscapeJobArgs | None = None
     anchor: AnchorArgs | None = None

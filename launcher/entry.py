@@ -15,6 +15,7 @@ from safebasin.launcher.launch import single_process_env
 from safebasin.launcher.measure import run_eval, run_landscape
 from safebasin.launcher.outputs import write_results
 from safebasin.launcher.tracking import Tracker
+from safebasin.safety_core.runtime import apply_threads
 from safebasin.safety_core.progress import library_bars_off
 
 
@@ -26,6 +27,12 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
     from safebasin.safety_core.train.trainer import train
     cfg.require("data", "train")
     out = Path(cfg.output.dir)
+    # MLflow opens its store on a thread of its own while the model loads; the big modules the
+    # job needs are imported here first, so the two threads do not import the same modules.
+    from safebasin.safety_core.runtime import import_deepspeed
+    import_deepspeed()
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
     tracker = Tracker(cfg, out, active=global_rank() == 0, reattach=resume)
     try:
         factory = None
@@ -38,7 +45,7 @@ def run_train(cfg: JobConfig, resume: bool) -> dict:
             hooks = lambda tokenizer: [SafetyProbe(cfg.train.safety_probe, tokenizer)]
         result = train(cfg.model, cfg.method, cfg.data, cfg.train, cfg.deepspeed, out,
                        regularizer_factory=factory, log_fn=tracker.log_metrics, resume=resume,
-                       client_state={"mlflow_run_id": tracker.run_id},
+                       client_state=lambda: {"mlflow_run_id": tracker.run_id},
                        data_summary_fn=lambda s: _log_data_summary(tracker, s, out), step_hooks=hooks)
     except BaseException:
         tracker.end("FAILED")
@@ -101,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"(else launch per node with --nnodes/--node-rank)")
     single_process_env()
     library_bars_off()
-    RANK_COMMANDS[args.command](load_config(args.config), args.resume)
+    cfg = load_config(args.config)
+    apply_threads(cfg.runtime)
+    RANK_COMMANDS[args.command](cfg, args.resume)
     _leave_group()
 
 

@@ -89,8 +89,11 @@ def run_job(command: str, cfg: JobConfig, args) -> dict:
     if topo.in_process and rank_logs is None:
         from safebasin.launcher.entry import RANK_COMMANDS
         from safebasin.launcher.launch import single_process_env
+        from safebasin.safety_core.runtime import apply_threads
         single_process_env(replace=True)
-        return RANK_COMMANDS[command](load_config(resolved), resume)
+        job = load_config(resolved)
+        apply_threads(job.runtime)
+        return RANK_COMMANDS[command](job, resume)
     from safebasin.launcher.launch import launch
     # A built-in model is built into this node's cache here, once: ranks cannot build it
     # (transformers' save_pretrained writes nothing on a rank other than 0 once

@@ -119,6 +119,15 @@ class DataArgs(Section):
     max_length: int = Field(512, ge=8)
     system_prompt: str | None = None
     seed: int = 0
+    packing: bool = Field(False, description="put each micro-batch's examples end to end in rows of "
+                          "at most max_length tokens (per-example positions and loss, no attention "
+                          "across them) instead of one padded row each")
+    cache: bool = Field(True, description="tokenise once and keep the result (keyed by data, "
+                        "tokenizer and settings) for ranks and later runs")
+    cache_dir: str | None = Field(None, description="where tokenised sets are kept; default "
+                                  "$SAFEBASIN_CACHE/tokenized")
+    num_proc: int | None = Field(None, ge=1, description="tokenisation worker processes; default: "
+                                 "one per 2000 examples, at most one per core")
 
     @field_validator("train", mode="before")
     @classmethod

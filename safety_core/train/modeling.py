@@ -14,7 +14,8 @@ from pydantic import Field
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.precision import DTYPES
 from safebasin.safety_core.train.tiny import resolve_builtin_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 class ModelArgs(Section):
@@ -23,6 +24,9 @@ class ModelArgs(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     revision: str | None = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel: sdpa (torch), eager, or flash_attention_2 (needs "
+        "the flash-attn package and a GPU)")
 
     def resolved_path(self) -> str:
         return resolve_builtin_model(self.path)
@@ -39,6 +43,7 @@ class MethodArgs(Section):
 
 
 def load_tokenizer(args: ModelArgs):
+    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.resolved_path(), revision=args.revision,
                                         trust_remote_code=args.trust_remote_code)
     if tok.pad_token is None:
@@ -52,9 +57,11 @@ def load_model(args: ModelArgs, *, for_training: bool = False):
     Under ZeRO-3, call inside the lifetime of a transformers HfDeepSpeedConfig so the weights
     are partitioned as they load instead of being materialised on every rank.
     """
+    from transformers import AutoModelForCausalLM
+    check_attention(args.attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         args.resolved_path(), revision=args.revision, dtype=DTYPES[args.dtype],
-        trust_remote_code=args.trust_remote_code)
+        trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
     if args.adapter:
         from peft import PeftModel
         with _peft_reads_deprecated_property():
@@ -71,6 +78,34 @@ def _peft_reads_deprecated_property():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                 category=FutureWarning)
         yield
+def check_attention(name: str) -> None:
+    """flash_attention_2 needs the flash-attn package and CUDA: say so before loading weights."""
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                         "(pip install flash-attn), which is not installed; allowed: "
+                         f"{list(ATTENTION)} (sdpa is the default)")
+    if not torch.cuda.is_available():
+        raise ValueError("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only; "
+                         "use sdpa or eager on this machine")
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward instead of storing them. Non-reentrant checkpoints
+    need no input that requires grad; the embedding outputs are still made to require it, so
+    that reentrant checkpointing (a model's own default) also reaches LoRA weights, whose base
+    layers are all frozen."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.gradient_checkpointing: {type(base).__name__} does not support it")
+    if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    base.config.use_cache = False  # a KV cache is meaningless (and warned about) under checkpointing
 
 
 def make_trainable(model, method: MethodArgs):

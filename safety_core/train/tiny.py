@@ -9,10 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from safebasin.safety_core.train import synthetic
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# tokenizers and transformers are imported where a model is built: importing the config schema
+# (which reaches this module through the anchor section) must not cost transformers' start-up.
 
 BUILTIN_TINY = "builtin:tiny-llama"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -24,7 +24,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def build_tokenizer(texts: list[str], vocab_size: int = 1024):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -43,6 +45,8 @@ def build_tiny_model(out_dir: str | Path, *, hidden_size: int = 64, num_layers: 
                      num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 176,
                      vocab_size: int = 1024, max_positions: int = 512, seed: int = 0) -> Path:
     """Write a random tiny Llama model and its tokenizer to `out_dir` with save_pretrained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(synthetic.corpus(seed), vocab_size=vocab_size)
     config = LlamaConfig(

@@ -25,14 +25,17 @@ from safebasin.safety_core.args import Section
 from safebasin.safety_core.distributed import chunks, init_distributed
 from safebasin.safety_core.nll import sharded_mean_nll
 from safebasin.safety_core.progress import Progress
+from safebasin.safety_core.runtime import warn_slow_precision
 from safebasin.safety_core.train import checkpoints
 from safebasin.safety_core.train import data as data_lib
+from safebasin.safety_core.train import packing as packing_lib
 from safebasin.safety_core.train.data import DataArgs, StepSampler
 from safebasin.safety_core.train.ds_config import DeepSpeedArgs, fill_auto, zero_stage
 from safebasin.safety_core.train.mixture import training_set_with_report
 from safebasin.safety_core.train.modeling import (
     MethodArgs,
     ModelArgs,
+    enable_gradient_checkpointing,
     export,
     load_model,
     load_tokenizer,
@@ -47,7 +50,9 @@ class TrainArgs(Section):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "cosine_with_restarts", "polynomial",
+                      "inverse_sqrt"] = Field("cosine", description="transformers.get_scheduler name "
+                                              "(constant: constant after warmup)")
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     micro_batch_size: int = Field(4, ge=1)
@@ -62,6 +67,8 @@ class TrainArgs(Section):
                            "a terminal; 0: every tenth of the job")
     safety_probe: SafetyProbeArgs | None = Field(None, description="HRR on held-out harmful prompts "
                                                  "every N steps (measure/probe.py)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: "
+                                         "less memory, ~1/3 more compute")
 
     @model_validator(mode="after")
     def _length(self):
@@ -95,17 +102,12 @@ class TrainResult:
     model: object = None  # the trained module (ZeRO-3: still partitioned), for in-process callers
 
 
-def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-    return factor
+def make_scheduler(schedule: str, warmup: int, total: int) -> Callable:
+    """The optimizer -> LR scheduler factory DeepSpeed calls: transformers' schedules, so a
+    schedule name means what it means in the Hugging Face Trainer."""
+    from transformers import get_scheduler
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    return lambda opt: get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -122,13 +124,14 @@ def _mean_across_ranks(values: list[float]) -> list[float]:
 def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_args: TrainArgs,
           ds_args: DeepSpeedArgs, out_dir: str | Path, *, regularizers: list[Regularizer] = (),
           regularizer_factory: Callable | None = None, log_fn: Callable[[dict, int], None] | None = None,
-          resume: bool = False, client_state: dict | None = None,
+          resume: bool = False, client_state: dict | Callable[[], dict] | None = None,
           data_summary_fn: Callable[[dict], None] | None = None,
           step_hooks: list[StepHook] | Callable[[object], list[StepHook]] = ()) -> TrainResult:
     """Fine-tune and export. `regularizer_factory(model, engine_config)` builds regularizers once
     the trainable model exists. `log_fn(metrics, step)` receives every step's metrics on rank 0,
     `data_summary_fn(summary)` the data summary (train/summary.py) before the first step;
-    `client_state` is stored in checkpoints (e.g. the MLflow run id). `step_hooks`: StepHooks,
+    `client_state` (or a function returning it, called once the engine exists, so that an
+    MLflow run opened in the background is not waited for earlier) is stored in checkpoints. `step_hooks`: StepHooks,
     or a function of the tokenizer that makes them."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -139,16 +142,18 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     is_rank0 = rank == 0
     torch.manual_seed(train_args.seed)
 
+    on_cpu = get_accelerator().device_name() == "cpu"
+    warn_slow_precision(train_args.precision, on_cpu)
     tokenizer = load_tokenizer(model_args)
     step_hooks = list(step_hooks(tokenizer) if callable(step_hooks) else step_hooks)
     conversations, mix_report = training_set_with_report(data_args)
-    train_set = data_lib.encode_all(tokenizer, conversations, data_args.max_length)
+    train_set = _encode(tokenizer, conversations, data_args)
     if is_rank0:
         summary = report_data(tokenizer, conversations, mix_report, data_args.max_length, out_dir)
         if data_summary_fn is not None:
             data_summary_fn(summary)
-    eval_set = (data_lib.encode_all(tokenizer, data_lib.load_conversations(data_args.eval, data_args.system_prompt),
-                                    data_args.max_length) if data_args.eval else [])
+    eval_set = (_encode(tokenizer, data_lib.load_conversations(data_args.eval, data_args.system_prompt), data_args)
+                if data_args.eval else [])
     sampler = StepSampler(len(train_set), train_args.micro_batch_size,
                           train_args.gradient_accumulation_steps, world, train_args.seed)
     total_steps = train_args.max_steps or math.ceil(train_args.epochs * len(train_set) / sampler.global_batch)
@@ -157,7 +162,6 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     hidden = getattr(AutoConfig.from_pretrained(model_args.resolved_path(),
                                                 trust_remote_code=model_args.trust_remote_code),
                      "hidden_size", None)
-    on_cpu = get_accelerator().device_name() == "cpu"
     ds_config = fill_auto(ds_args.base_config(), micro_batch=train_args.micro_batch_size,
                           grad_accum=train_args.gradient_accumulation_steps, world=world,
                           lr=train_args.lr, weight_decay=train_args.weight_decay,
@@ -176,16 +180,18 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     # Keeping this object alive makes from_pretrained partition weights as they load (ZeRO-3).
     hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None
     model = make_trainable(load_model(model_args, for_training=True), method)
-    scheduler = None if "scheduler" in ds_config else (
-        lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(train_args.schedule, train_args.warmup_steps, total_steps)))
+    if train_args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    scheduler = None if "scheduler" in ds_config else make_scheduler(
+        train_args.schedule, train_args.warmup_steps, total_steps)
     engine, _, _, lr_sched = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config, lr_scheduler=scheduler)
     if regularizer_factory is not None:
         regularizers = list(regularizers) + list(regularizer_factory(engine.module, ds_config))
 
-    start_step, client_state = 0, dict(client_state or {})
+    start_step = 0
+    client_state = dict((client_state() if callable(client_state) else client_state) or {})
     if resume and ckpt is not None:
         _, loaded = engine.load_checkpoint(str(ckpt))
         ours = loaded["safebasin"]
@@ -206,6 +212,11 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     def batch_to(examples):
         return {k: v.to(device) for k, v in data_lib.collate(examples, pad_id).items()}
 
+    # DeepSpeed's fp32 path without ZeRO clips with a norm it never keeps (get_global_grad_norm
+    # stays None): the norm is taken here, before the step, as the other paths report it.
+    own_grad_norm = stage == 0 and train_args.precision == "fp32"
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+
     # Fault injection for resume and failure tests: this rank crashes (or, with
     # SAFEBASIN_FAIL_MODE=hang, stops answering) after the given step.
     fail_after = int(os.environ.get("SAFEBASIN_FAIL_AFTER_STEP", "0"))
@@ -213,18 +224,23 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     progress = Progress(total_steps, "train", initial=start_step, disable=not is_rank0, unit="step",
                         every=train_args.log_every or max(1, total_steps // 10))
     last = {}
+    # Step time is wall-clock from the end of one step to the end of the next, so it includes
+    # everything the loop does per step (logging, progress, checkpoints), not only compute.
+    step_end = time.perf_counter()
     for step in range(start_step, total_steps):
         engine.train()
-        t0 = time.perf_counter()
         # Dropout and other randomness depend on (seed, step, rank) only: resumes replay exactly.
         torch.manual_seed(train_args.seed * 1_000_003 + step * 4099 + rank)
         micro = sampler.micro_batches(step, rank)
-        losses, tokens, reg_metrics = [], 0, {}
+        losses, tokens, positions, reg_metrics, grad_norm = [], 0, 0, {}, None
         for i, idx in enumerate(micro):
-            batch = batch_to([train_set[j] for j in idx])
-            loss = engine(**batch).loss
+            mb = packing_lib.micro_batch([train_set[j] for j in idx], pad_id, data_args.packing,
+                                         data_args.max_length)
+            # No KV cache in training: with one, transformers skips the packed-sequence mask.
+            loss = engine(**{k: v.to(device) for k, v in mb.inputs.items()}, use_cache=False).loss
             losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
+            tokens += mb.real_tokens
+            positions += mb.positions
             for reg in regularizers:
                 extra = reg.loss(engine.module)
                 if extra is not None:
@@ -233,14 +249,19 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
             if i == len(micro) - 1:
                 for reg in regularizers:
                     reg_metrics.update(reg.before_step(engine))
+                if own_grad_norm:
+                    grad_norm = _grad_norm(trainable)
             engine.step()
-        mean_loss, = _mean_across_ranks([sum(losses) / len(losses)])
-        tokens_all = int(_mean_across_ranks([tokens])[0] * world)
-        grad_norm = engine.get_global_grad_norm()
-        elapsed = time.perf_counter() - t0
+        mean_loss, tokens_mean, positions_mean = _mean_across_ranks([sum(losses) / len(losses), tokens, positions])
+        tokens_all = int(round(tokens_mean * world))
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+        now = time.perf_counter()
+        elapsed, step_end = now - step_end, now
         row = {"step": step + 1, "loss": mean_loss, "lr": lr_sched.get_last_lr()[0] if lr_sched else train_args.lr,
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tokens": tokens_all, "tokens_per_s": tokens_all / elapsed, "step_seconds": elapsed,
+               "padding_share": 1.0 - tokens_mean / positions_mean,
                **reg_metrics}
         if train_args.eval_every and eval_set and (step + 1) % train_args.eval_every == 0:
             row["eval_loss"] = evaluate_loss(engine, eval_set, batch_to, train_args.eval_batch_size)
@@ -277,6 +298,23 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     del hf_ds
     return TrainResult(out_dir=out_dir, final_dir=final_dir, steps=total_steps, metrics=final,
                        model=engine.module)
+
+
+def _encode(tokenizer, convs, data_args: DataArgs) -> list[dict[str, list[int]]]:
+    if not data_args.cache:
+        return data_lib.encode_all(tokenizer, convs, data_args.max_length)
+    from safebasin.safety_core.train.tokenize_cache import encode_cached
+    return encode_cached(tokenizer, convs, data_args.max_length, cache_dir=data_args.cache_dir,
+                         num_proc=data_args.num_proc)[0]
+
+
+@torch.no_grad()
+def _grad_norm(params: list[torch.Tensor]) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                       for g in grads])))
 
 
 @torch.no_grad()

@@ -1,0 +1,57 @@
+"""The plain baseline of benchmarks/trainer.py: a PyTorch + PEFT loop, nothing else.
+
+    python plain_loop.py STREAM.json RESULT.json
+
+STREAM.json (written by trainer.py) holds the model, LoRA and optimizer settings and the
+tokenised micro-batches of every step, in the order safebasin trains them."""
+
+import json
+import sys
+import time
+
+import torch
+
+spec = json.load(open(sys.argv[1]))
+torch.set_num_threads(spec["threads"])
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, get_scheduler  # noqa: E402
+
+torch.manual_seed(spec["seed"])
+model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
+                                         target_modules=spec["target_modules"], task_type="CAUSAL_LM"))
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+sched = get_scheduler("cosine", opt, num_warmup_steps=spec["warmup"], num_training_steps=len(spec["steps"]))
+pad = spec["pad_id"]
+
+
+def collate(examples):
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+model.train()
+ends, losses, tokens = [time.perf_counter()], [], []
+for micro_batches in spec["steps"]:
+    step_loss, step_tokens = 0.0, 0
+    for examples in micro_batches:
+        batch = collate(examples)
+        loss = model(**batch, use_cache=False).loss
+        (loss / len(micro_batches)).backward()
+        step_loss += loss.item() / len(micro_batches)
+        step_tokens += int(batch["attention_mask"].sum())
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    ends.append(time.perf_counter())
+    losses.append(step_loss)
+    tokens.append(step_tokens)
+json.dump({"step_ends": ends, "losses": losses, "tokens": tokens}, open(sys.argv[2], "w"))
