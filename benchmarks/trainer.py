@@ -61,7 +61,8 @@ def write_stream(cfg: dict, path: Path) -> Path:
     from safebasin.safety_core.train.modeling import load_tokenizer
     job = build(cfg)
     tok = load_tokenizer(job.model)
-    examples = data_lib.encode_all(tok, data_lib.training_set(job.data), job.data.max_length)
+    from safebasin.safety_core.train.mixture import training_set_with_report
+    examples = data_lib.encode_all(tok, training_set_with_report(job.data)[0], job.data.max_length)
     t = job.train
     sampler = StepSampler(len(examples), t.micro_batch_size, t.gradient_accumulation_steps, 1, t.seed)
     steps = [[[examples[i] for i in mb] for mb in sampler.micro_batches(s, 0)] for s in range(t.max_steps)]

@@ -14,7 +14,9 @@ import torch
 spec = json.load(open(sys.argv[1]))
 torch.set_num_threads(spec["threads"])
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, get_scheduler  # noqa: E402
+import math  # noqa: E402
+
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 torch.manual_seed(spec["seed"])
 model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
@@ -22,7 +24,16 @@ model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], 
                                          target_modules=spec["target_modules"], task_type="CAUSAL_LM"))
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-sched = get_scheduler("cosine", opt, num_warmup_steps=spec["warmup"], num_training_steps=len(spec["steps"]))
+total, warmup = len(spec["steps"]), spec["warmup"]
+
+
+def lr_factor(step):  # safebasin's cosine with its warmup ramp
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 pad = spec["pad_id"]
 
 

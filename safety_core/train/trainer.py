@@ -50,9 +50,7 @@ class TrainArgs(Section):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "linear", "constant", "cosine_with_restarts", "polynomial",
-                      "inverse_sqrt"] = Field("cosine", description="transformers.get_scheduler name "
-                                              "(constant: constant after warmup)")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     micro_batch_size: int = Field(4, ge=1)
@@ -102,12 +100,22 @@ class TrainResult:
     model: object = None  # the trained module (ZeRO-3: still partitioned), for in-process callers
 
 
-def make_scheduler(schedule: str, warmup: int, total: int) -> Callable:
-    """The optimizer -> LR scheduler factory DeepSpeed calls: transformers' schedules, so a
-    schedule name means what it means in the Hugging Face Trainer."""
-    from transformers import get_scheduler
-    name = "constant_with_warmup" if schedule == "constant" else schedule
-    return lambda opt: get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The LR factor of optimizer step `step` (0-based). After warmup these are transformers'
+    cosine, linear and constant schedules (same formulas). Not `transformers.get_scheduler`
+    itself: its warmup gives the first step lr 0 (a wasted optimizer step), where this warmup
+    ramps (step + 1) / (warmup + 1); switching would also change every recorded trajectory
+    (resume tests, the demo's measured numbers)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+    return factor
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -182,8 +190,9 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     model = make_trainable(load_model(model_args, for_training=True), method)
     if train_args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    scheduler = None if "scheduler" in ds_config else make_scheduler(
-        train_args.schedule, train_args.warmup_steps, total_steps)
+    scheduler = None if "scheduler" in ds_config else (
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(train_args.schedule, train_args.warmup_steps, total_steps)))
     engine, _, _, lr_sched = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config, lr_scheduler=scheduler)
