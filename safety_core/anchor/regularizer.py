@@ -7,7 +7,11 @@ or one of its controls (`anchor.variant`, see anchor/variants.py): `l2` (C = 0, 
 `aligned` (||C DeltaW||_F^2, the part inside the alignment span).
 
 DeltaW = B A for LoRA (times alpha/r only with include_lora_scaling) and W - W0 for full
-parameters. Where the trainable parameters are whole on every rank (ZeRO 0-2) the penalty goes
+parameters. For full parameters W and W0 are the optimizer's fp32 values at every ZeRO stage (in
+bf16/fp16 training the module's half-precision weights round away updates smaller than their
+last bit, so DeltaW taken from them would differ from the fp32 masters ZeRO-3 reads); W0 is
+kept like the parameters: whole on every rank under ZeRO 0-2, this rank's fragment under
+ZeRO-3. Where the trainable parameters are whole on every rank (ZeRO 0-2) the penalty goes
 through autograd; under ZeRO-3 they are partitioned, so its gradient is added to each rank's
 gradient partition after the last backward of the step and before clipping and the optimizer
 step, through DeepSpeed's tensor-fragment API.
@@ -79,7 +83,7 @@ class _LoraLayer(_Layer):
 @dataclass
 class _FullLayer(_Layer):
     W: torch.nn.Parameter
-    W0: torch.Tensor          # ZeRO 0-2: the whole initial weight; ZeRO-3: this rank's fragment
+    W0: torch.Tensor          # fp32; ZeRO 0-2: the whole initial weight; ZeRO-3: this rank's fragment
     start: int = 0            # ZeRO-3: first flat index of this rank's fragment in W
     shape: tuple = ()
 
@@ -89,6 +93,22 @@ def anchor_factory(args: AnchorArgs):
     def factory(model, ds_config):
         return [AnchorRegularizer(args, model, ds_config)]
     return factory
+
+
+def _fp32_value(W: torch.nn.Parameter) -> torch.Tensor:
+    """W's fp32 value, differentiable into W: the optimizer's fp32 master where training runs
+    in half precision (ZeRO 0-2 hold it as hp fragments; assembling it is one all-reduce of the
+    weight over the data-parallel group per call), else W itself. The straight-through form
+    (value of the master, gradient into the module weight) keeps the penalty on autograd."""
+    if W.dtype == torch.float32:
+        return W
+    from deepspeed.utils import safe_get_full_fp32_param
+    master = safe_get_full_fp32_param(W)
+    if master is None:
+        raise RuntimeError(f"a {W.dtype} weight without an fp32 master copy: full-parameter anchoring "
+                           f"in half precision needs DeepSpeed's bf16/fp16 optimizer (train.precision)")
+    low = W.float()
+    return low + (master.to(low.device, torch.float32) - low).detach()
 
 
 def _lora_modules(model):
@@ -179,7 +199,7 @@ class AnchorRegularizer:
                 start = zero3.partition(W).start
                 W0 = zero3.local_fp32(W, U.device).clone()
             else:
-                start, W0 = 0, W.detach().clone()
+                start, W0 = 0, _fp32_value(W).detach().clone()
             layers.append(_FullLayer(path, U, c, W=W, W0=W0, start=start, shape=shape))
         return layers
 
@@ -231,7 +251,7 @@ class AnchorRegularizer:
                     out = p.detach() if self.projector else anchor_penalty(B, A, layer.U, self._ones(layer))
                     e = ((B.T @ B) * (A @ A.T)).sum()
             else:
-                W, W0 = layer.W.float(), layer.W0.float()
+                W, W0 = _fp32_value(layer.W), layer.W0
                 p = anchor_penalty_full(W, W0, layer.penalty_U, layer.c, self.region)
                 with torch.no_grad():
                     out = p.detach() if self.projector else anchor_penalty_full(W, W0, layer.U, self._ones(layer))
