@@ -117,6 +117,12 @@ class CurvatureBuffer:
         """Bytes of vector storage on this rank (the O(m^2) scalars are not counted)."""
         return 0 if self._buf is None else self._buf.numel() * self._buf.element_size()
 
+    def curvatures(self) -> list[float]:
+        """<s, y> / <s, s> of the kept pairs, oldest first: the Hessian's Rayleigh quotient
+        along each probe step (a diagnostic of the pairs' quality)."""
+        gss, gsy, _ = self._gram
+        return [float(gsy[i, i] / gss[i, i]) for i in self._order]
+
     def reset(self) -> None:
         """Forget all pairs; the storage (and the shard size it fixes) is kept for reuse."""
         self._order.clear()

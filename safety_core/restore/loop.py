@@ -112,14 +112,14 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
                   f"(start {start['retain_loss']:.4f} + eps {args.eps})")
 
     final_dir = out_dir / ("adapter" if model_args.adapter is not None else "model")
-    export(space.model, tokenizer, final_dir, zero3=stage == 3, is_rank0=rank == 0)
+    export(space.model, tokenizer, final_dir, zero3=stage == 3, is_rank0=rank == 0, dtype=model_args.dtype)
     summary = {"initial": start,
                "restored": {"forget_loss": forget_loss, "retain_loss": retain_loss},
                "accepted_steps": sum(r["accepted"] for r in log.rows), "iterations": args.iterations,
                "sizes": sets.sizes(), "trainable_parameters": int(all_reduce_sum([space.numel])[0]),
                "zero_stage": stage, "world_size": world,
                "pairs": {"offered": buffer.stats.pushes, "accepted": buffer.stats.accepted,
-                         "kept": len(buffer)}}
+                         "kept": len(buffer), "curvatures": buffer.curvatures()}}
     del keep_alive
     return RestoreResult(out_dir=out_dir, final_dir=final_dir, rows=log.rows, summary=summary,
                          model=space.model)
