@@ -130,7 +130,8 @@ class AnchorRegularizer:
     `anchor_outside_share` = sum ||(I - U_k U_k^T) DeltaW||^2 / sum ||DeltaW||^2, the share of
     the update's energy outside span(U_k) (None while DeltaW = 0). For the projector variant
     (c = 1) the two numerators are the same; for safelora (c != 1) the outside energy is one
-    more penalty evaluation with c = 1, without gradient.
+    more penalty evaluation with c = 1, without gradient, except for full parameters under
+    ZeRO-3, where it is read off the penalty's own reduction (no second pass or collective).
     """
 
     def __init__(self, args: AnchorArgs, model, ds_config: dict):
@@ -263,25 +264,33 @@ class AnchorRegularizer:
     # -- ZeRO-3: gradient partitions ------------------------------------------------------
 
     def _zero3_full(self, loss_scale: float):
-        """The exact sharded penalty: per layer one all-reduce of k x d_in + 1 floats, each rank
-        forming the gradient of the rows it holds; no parameter is gathered."""
-        from safebasin.kernels import anchor_penalty_sharded
-        total, outside, energy, group = 0.0, 0.0, None, None
-        for layer in self.layers:
+        """The exact sharded penalty without gathering a parameter: each rank forms its share of
+        every layer's U^T DeltaW and ||DeltaW||^2, one all-reduce per process group sums all
+        anchored layers' shares at once (k x d_in + 1 floats per layer), and each rank then forms
+        the gradient of the elements it holds. The outside-span metric and the update energy
+        come from the same reduction."""
+        from safebasin.kernels.anchor_ops import sharded_partials, sharded_penalty_from
+        # With optimizer offload the fp32 partition and its gradient live on the CPU; the
+        # collectives run on the anchor's (the parameter's) device.
+        local = [zero3.local_fp32(layer.W, layer.U.device) for layer in self.layers]
+        partials = [sharded_partials(w, layer.W0, layer.start, layer.shape, layer.U)
+                    for w, layer in zip(local, self.layers)]
+        buckets: dict[int, tuple[object, list[int]]] = {}
+        for i, layer in enumerate(self.layers):
             group = zero3.partition(layer.W).group
-            # With optimizer offload the fp32 partition and its gradient live on the CPU; the
-            # collectives run on the anchor's (the parameter's) device.
-            w = zero3.local_fp32(layer.W, layer.U.device)
-            penalty, g = anchor_penalty_sharded(w, layer.W0, layer.start, layer.shape, layer.penalty_U,
-                                                layer.c, group=group, region=self.region)
-            total = total + penalty
-            outside = outside + (penalty if self.projector else anchor_penalty_sharded(
-                w, layer.W0, layer.start, layer.shape, layer.U, self._ones(layer), group=group)[0])
+            buckets.setdefault(id(group), (group, []))[1].append(i)
+        reduced = list(partials)
+        for group, members in buckets.values():
+            flat = torch.cat([partials[i] for i in members])
+            dist.all_reduce(flat, group=group)
+            for i, piece in zip(members, flat.split([partials[i].numel() for i in members])):
+                reduced[i] = piece
+        total, outside, energy = 0.0, 0.0, 0.0
+        for layer, w, r in zip(self.layers, local, reduced):
+            penalty, out, sq, g = sharded_penalty_from(r, w, layer.W0, layer.start, layer.shape, layer.U,
+                                                       layer.c, self.region)
             zero3.add_to_local_grad(layer.W, g, self.lam * loss_scale)
-            with torch.no_grad():
-                local = (w - layer.W0).pow(2).sum().double()
-            energy = local if energy is None else energy + local
-        dist.all_reduce(energy, group=group)  # one reduction for every layer's ||DeltaW||^2
+            total, outside, energy = total + penalty, outside + out, energy + sq
         return total, outside, energy
 
     def _zero3_lora(self, loss_scale: float):
