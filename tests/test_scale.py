@@ -93,3 +93,53 @@ def test_zero3_full_parameter_anchor_is_one_all_reduce_per_step(aligned_pair, sa
     assert metrics["anchor_penalty"] == pytest.approx(penalty, rel=1e-4)
     assert metrics["anchor_outside_share"] == pytest.approx(outside / energy, rel=1e-4)
     assert penalty > 1.01 * outside  # c < 1 penalises inside span(U) too: the two numerators differ
+
+
+RESTORE = {"forget": {"path": "builtin:harmful"}, "retain": {"path": "builtin:task"},
+           "forget_size": 8, "curvature_forget_size": 8, "retain1_size": 8, "retain2_size": 8,
+           "probes": 3, "batch_size": 4, "max_length": 64, "iterations": 1}
+
+
+def restore_job(root: Path, model_dir: Path, **restore) -> dict:
+    import yaml
+    from safebasin.launcher.config import load_config
+    from safebasin.launcher.entry import run_restore
+    cfg = {"model": {"path": str(model_dir)}, "restore": {**RESTORE, **restore}, "deepspeed": {"stage": 0},
+           "tracking": {"enabled": False}, "output": {"dir": str(root / "out")}}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with one_rank_group():
+        return run_restore(load_config(root / "cfg.yaml"))
+
+
+def test_restore_history_size_is_printed_and_a_history_that_cannot_fit_is_refused(tmp_path, tiny_model_dir, capsys):
+    from safebasin.safety_core.restore.memory import HistoryMemoryError
+    summary = restore_job(tmp_path / "cpu-bf16", tiny_model_dir, history=3, history_dtype="bf16", history_device="cpu")
+    numel = summary["trainable_parameters"]
+    out = capsys.readouterr().out
+    assert f"curvature history: 2 x 3 pairs x {numel:,} parameters x 2 B (bf16) = " in out
+    assert f"{2 * 3 * numel * 2 / 2**30:.3g} GiB per rank on cpu" in out
+    assert summary["pairs"]["kept"] == 3
+    # 10^9 pairs of a tiny model is petabytes: refused before any gradient, naming the knobs.
+    with pytest.raises(HistoryMemoryError, match=r"restore.history \(now 1000000000\).*restore.history_dtype bf16"
+                                                 r".*restore.history_device cpu"):
+        restore_job(tmp_path / "huge", tiny_model_dir, history=10**9)
+    assert not (tmp_path / "huge" / "out" / "metrics.jsonl").exists()
+
+
+def test_half_precision_history_on_the_cpu_gives_the_fp32_direction():
+    """bf16 storage rounds s and y (the Gram is taken from the rounded vectors, so the recursion
+    stays consistent): the direction agrees with fp32 storage to bf16's ~3 digits."""
+    from safebasin.safety_core.restore.lbfgs import CurvatureBuffer
+    gen = torch.Generator().manual_seed(0)
+    P = 4000
+    A = torch.randn(P, generator=gen).abs() + 0.5  # a diagonal positive-definite Hessian
+    buffers = [CurvatureBuffer(4), CurvatureBuffer(4, dtype=torch.bfloat16, device=torch.device("cpu"))]
+    for _ in range(6):
+        s = torch.randn(P, generator=gen)
+        for b in buffers:
+            b.push(s, A * s)
+    g = torch.randn(P, generator=gen)
+    fp32, bf16 = (b.apply_inverse(g) for b in buffers)
+    assert buffers[1].nbytes == buffers[0].nbytes // 2 and bf16.dtype == torch.float32
+    assert float((bf16 - fp32).norm() / fp32.norm()) < 1e-2

@@ -30,6 +30,7 @@ import torch
 from safebasin.safety_core.distributed import all_reduce_sum, init_distributed
 from safebasin.safety_core.restore.config import RestoreArgs
 from safebasin.safety_core.restore.lbfgs import CurvatureBuffer
+from safebasin.safety_core.restore.memory import HISTORY_DTYPES, plan_history
 from safebasin.safety_core.restore.policy import TrustRegion
 from safebasin.safety_core.restore.sets import RestoreSets, batches, build_sets
 from safebasin.safety_core.restore.spaces import FlatSpace, build_space, loss_and_grad
@@ -62,6 +63,9 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
     pad_id = tokenizer.pad_token_id
     sets = build_sets(args, tokenizer)
     space, stage, keep_alive = build_space(model_args, method, args, ds_args, world)
+    # Before any work: a history that cannot fit fails the job now, not after the set-up.
+    history_device = plan_history(args.history, space.numel, args.history_dtype, args.history_device,
+                                  space.device, is_rank0=rank == 0)
     log = _IterationLog(out_dir, rank == 0, log_fn)
     forget_b = batches(sets.forget, args.batch_size)
     retain_b = batches(sets.retain1 + sets.retain2, args.batch_size)
@@ -71,7 +75,8 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
     forget_loss, g_forget = loss_and_grad(space, forget_b, pad_id, grad=True)
     retain_loss, g_retain = loss_and_grad(space, retain_b, pad_id, grad=True)
     start = {"forget_loss": forget_loss, "retain_loss": retain_loss}
-    buffer = CurvatureBuffer(args.history, args.pair_threshold)
+    buffer = CurvatureBuffer(args.history, args.pair_threshold, dtype=HISTORY_DTYPES[args.history_dtype],
+                             device=history_device)
     collect_pairs(buffer, space, sets, args, pad_id, round_=0)
     region = TrustRegion(args.delta)
 
@@ -82,7 +87,7 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
             collect_pairs(buffer, space, sets, args, pad_id, round_=it - 1)
         # Direction: ascent on the forget loss, pulled back towards theta_ft, preconditioned.
         theta = space.read()
-        d = buffer.apply_inverse(g_forget - args.mu * (theta - theta_ft))
+        d = buffer.apply_inverse(g_forget - args.mu * (theta - theta_ft)).to(theta.device)
         d_norm = math.sqrt(max(buffer.last_info.d_norm_sq, 0.0))
         saved = space.snapshot()
         accepted, tries = False, 0

@@ -50,6 +50,12 @@ class ReplicatedSpace(FlatSpace):
     Gradients are summed over ranks with one all-reduce of the full vector (each rank's loss is
     already divided by the global token count), and a new parameter vector is all-gathered from
     the shards before it is written.
+
+    Cost at scale: every gradient (one per loss_and_grad call: two per iteration, two per probe)
+    all-reduces the full fp32 gradient, 4 P bytes, and each rank holds it whole besides the fp32
+    weights; only the L-BFGS vectors are sharded. That suits adapters and small models; full-
+    parameter restoration of large models goes through ZeRO-3 (Zero3Space), which reduce-scatters
+    and keeps 1 / world of everything.
     """
 
     collective_forward = False

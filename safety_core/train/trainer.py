@@ -123,6 +123,14 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     is_rank0 = rank == 0
     torch.manual_seed(train_args.seed)
 
+    ckpt = latest_checkpoint(out_dir)
+    if resume and ckpt is not None:
+        accum, note = checkpoints.resume_accumulation(ckpt, train_args.micro_batch_size,
+                                                      train_args.gradient_accumulation_steps, world)
+        if note:
+            train_args = train_args.model_copy(update={"gradient_accumulation_steps": accum})
+            if is_rank0:
+                print(f"[safebasin] resume at {world} ranks: {note}", flush=True)
     tokenizer = load_tokenizer(model_args)
     conversations, mix_report = training_set_with_report(data_args)
     train_set = data_lib.encode_all(tokenizer, conversations, data_args.max_length)
@@ -148,7 +156,6 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
                           hidden_size=hidden, total_steps=total_steps,
                           warmup_steps=train_args.warmup_steps, on_cpu=on_cpu)
     stage = zero_stage(ds_config)
-    ckpt = latest_checkpoint(out_dir)
     if resume and ckpt is not None and checkpoints.universal_needed(ckpt, world):
         # Saved at another world size: load the universal form the launcher converted.
         if not checkpoints.universal_ready(ckpt):
@@ -173,6 +180,11 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
         _, loaded = engine.load_checkpoint(str(ckpt))
         ours = loaded["safebasin"]
         start_step = int(ours["step"])
+        consumed = ours.get("consumed_samples")
+        if consumed is not None and consumed != start_step * sampler.global_batch:
+            raise checkpoints.CheckpointError(
+                f"{ckpt}: {consumed} samples consumed in {start_step} steps is not {start_step} x the "
+                f"global batch {sampler.global_batch}; the data order would skip or repeat examples")
         client_state = {**ours, **client_state}
     elif resume and is_rank0:
         print(f"[safebasin] --resume: no checkpoint under {out_dir / 'checkpoints'}; starting fresh")
@@ -275,8 +287,12 @@ def save_checkpoint(engine, out_dir: Path, step: int, client_state: dict, keep: 
     # checkpoint. So `latest` is written here, after the barrier that ends save_checkpoint (every
     # shard is written by then), and atomically; a crash mid-save keeps the previous checkpoint.
     tag = f"step{step}"
+    # The samples consumed and the global batch let a resume on another world size keep the
+    # data order and the schedule (checkpoints.resume_accumulation).
+    batch = engine.train_batch_size()
     engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False, client_state={
-        "safebasin": {**client_state, "step": step, "world_size": dist.get_world_size()}})
+        "safebasin": {**client_state, "step": step, "world_size": dist.get_world_size(),
+                      "global_batch": batch, "consumed_samples": step * batch}})
     if is_rank0:
         tmp = ckpt / f".latest.{os.getpid()}.tmp"
         tmp.write_text(tag)
