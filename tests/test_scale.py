@@ -143,3 +143,33 @@ def test_half_precision_history_on_the_cpu_gives_the_fp32_direction():
     fp32, bf16 = (b.apply_inverse(g) for b in buffers)
     assert buffers[1].nbytes == buffers[0].nbytes // 2 and bf16.dtype == torch.float32
     assert float((bf16 - fp32).norm() / fp32.norm()) < 1e-2
+
+
+def test_default_training_saves_at_the_end_and_full_anchoring_reports_its_coverage(tmp_path, aligned_pair, capsys):
+    import json
+    import yaml
+    from safebasin.safety_core.anchor.basis import extract_basis
+    from safebasin.safety_core.train.trainer import TrainArgs
+    from test_anchor import cli
+    from transformers import AutoModelForCausalLM
+    assert TrainArgs(max_steps=1).save_every == 500
+    base, aligned = aligned_pair
+    basis = tmp_path / "basis"
+    extract_basis(str(aligned), str(base), basis, modules="q_proj,v_proj,up_proj", variant="projector", rank=4)
+    out = tmp_path / "out"
+    cfg = {"model": {"path": str(base)}, "method": {"type": "full"},
+           "data": {"train": {"path": "builtin:task"}, "num_examples": 16, "max_length": 64},
+           "train": {"max_steps": 2, "micro_batch_size": 4, "lr": 1e-4},  # save_every left at its default
+           "anchor": {"basis": str(basis), "lambda": 1.0},
+           "tracking": {"enabled": False}, "output": {"dir": str(out)}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli("train", tmp_path / "cfg.yaml") == 0
+    assert (out / "checkpoints" / "latest").read_text() == "step2"
+    model = AutoModelForCausalLM.from_pretrained(base)
+    anchored = sum(p.numel() for n, p in model.named_parameters()
+                   if any(m in n for m in ("q_proj", "v_proj", "up_proj")))
+    total = sum(p.numel() for p in model.parameters())
+    printed = capsys.readouterr().out
+    assert f"hold {anchored:,} of {total:,} trainable parameters ({100 * anchored / total:.1f}%)" in printed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["anchor_coverage"] == pytest.approx(anchored / total) and "anchor_coverage" not in rows[1]

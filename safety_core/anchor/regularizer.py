@@ -149,6 +149,8 @@ class AnchorRegularizer:
         self.projector = self.variant == "projector"
         self._micro = 0
         self._pending: dict[str, torch.Tensor] = {}
+        self.coverage: float | None = None  # full parameters: share of trainable parameters anchored
+        self._coverage_pending = False
         lora = list(_lora_modules(model))
         self.method = "lora" if lora else "full"
         if lora:
@@ -159,6 +161,7 @@ class AnchorRegularizer:
             if not self.layers:
                 raise BasisError(f"no trainable 2-D weight of the model has a layer in the basis "
                                  f"{args.basis} (basis layers look like {self.basis.names[:3]})")
+            self._report_coverage(model)
         if not dist.is_initialized() or dist.get_rank() == 0:
             variants.announce(self.variant, self.lam, [layer.c for layer in self.layers],
                               [layer.U.shape[0] for layer in self.layers])
@@ -204,6 +207,20 @@ class AnchorRegularizer:
             layers.append(_FullLayer(path, U, c, W=W, W0=W0, start=start, shape=shape))
         return layers
 
+    def _report_coverage(self, model) -> None:
+        """Full parameters: only weights with a basis layer are anchored, the rest train freely;
+        the share of trainable parameters anchored is printed and logged with the first step."""
+        from math import prod
+        from safebasin.safety_core.distributed import is_main
+        trainable = sum(prod(zero3.full_shape(p)) for p in model.parameters() if p.requires_grad)
+        anchored = sum(prod(layer.shape) for layer in self.layers)
+        self.coverage = anchored / trainable
+        self._coverage_pending = True
+        if is_main():
+            print(f"[safebasin] anchor: {len(self.layers)} anchored weights hold {anchored:,} of "
+                  f"{trainable:,} trainable parameters ({100 * self.coverage:.1f}%); the rest train "
+                  f"without the anchor", flush=True)
+
     # -- Regularizer protocol -------------------------------------------------------------
 
     def loss(self, model) -> torch.Tensor | None:
@@ -232,7 +249,11 @@ class AnchorRegularizer:
         penalty, outside, energy = float(penalty), float(outside), float(energy)
         # Without a basis there is no span to be outside of.
         share = outside / energy if energy > 0 and self.basis is not None else None
-        return {"anchor_penalty": penalty, "anchor_outside_share": share}
+        metrics = {"anchor_penalty": penalty, "anchor_outside_share": share}
+        if self._coverage_pending:
+            metrics["anchor_coverage"] = self.coverage
+            self._coverage_pending = False
+        return metrics
 
     def _ones(self, layer: _Layer) -> torch.Tensor:
         return torch.ones(layer.U.shape[1], device=layer.U.device)

@@ -54,7 +54,8 @@ class TrainArgs(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_grad_norm: float = Field(1.0, ge=0)
     eval_every: int = Field(0, ge=0, description="optimizer steps between held-out evals; 0: at the end only")
-    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0: none")
+    save_every: int = Field(500, ge=0, description="optimizer steps between checkpoints, plus one at the "
+                            "end (what --resume continues from); 0: none")
     keep_checkpoints: int = Field(2, ge=1)
     eval_batch_size: int = Field(8, ge=1)
     log_every: int = Field(0, ge=0, description="steps between plain progress lines when output is not "
