@@ -83,6 +83,15 @@ def run_restore(cfg: JobConfig, resume: bool = False) -> dict:
 RANK_COMMANDS = {"eval": run_eval, "landscape": run_landscape, "train": run_train, "restore": run_restore}
 
 
+def run_rank_command(command: str, cfg: JobConfig, resume: bool = False) -> dict:
+    """Every rank command starts here, on every rank (and in-process for one rank): cuda:LOCAL_RANK
+    becomes the process's current device before the command loads a model or joins a collective,
+    so nothing that takes "cuda" without an index (NCCL, judges, DeepSpeed) lands on GPU 0."""
+    from safebasin.safety_core.distributed import rank_device
+    rank_device()
+    return RANK_COMMANDS[command](cfg, resume)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="safebasin.launcher.entry")
     parser.add_argument("command", choices=sorted(RANK_COMMANDS))
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"(else launch per node with --nnodes/--node-rank)")
     single_process_env()
     library_bars_off()
-    RANK_COMMANDS[args.command](load_config(args.config), args.resume)
+    run_rank_command(args.command, load_config(args.config), args.resume)
     _leave_group()
 
 

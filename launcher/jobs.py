@@ -90,10 +90,10 @@ def run_job(command: str, cfg: JobConfig, args) -> dict:
     # A rank log is written by the wrapper a launcher puts around each rank, so a one-rank job
     # that asks for one goes through the launcher too.
     if topo.in_process and rank_logs is None:
-        from safebasin.launcher.entry import RANK_COMMANDS
+        from safebasin.launcher.entry import run_rank_command
         from safebasin.launcher.launch import single_process_env
         single_process_env(replace=True)
-        return RANK_COMMANDS[command](load_config(resolved), resume)
+        return run_rank_command(command, load_config(resolved), resume)
     from safebasin.launcher.launch import launch
     # A built-in model is built into this node's cache here, once: ranks cannot build it
     # (transformers' save_pretrained writes nothing on a rank other than 0 once

@@ -173,3 +173,34 @@ def test_default_training_saves_at_the_end_and_full_anchoring_reports_its_covera
     assert f"hold {anchored:,} of {total:,} trainable parameters ({100 * anchored / total:.1f}%)" in printed
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["anchor_coverage"] == pytest.approx(anchored / total) and "anchor_coverage" not in rows[1]
+
+
+def test_every_rank_command_binds_cuda_local_rank_first(monkeypatch):
+    """The device rule on a node with 2 GPUs. This machine has none, so torch.cuda's
+    is_available / device_count / set_device are replaced by a fake 2-GPU node for this rule
+    only; benchmarks/gpu_rank_binding.py checks the real binding on a GPU."""
+    from safebasin.launcher import entry
+    from safebasin.safety_core import distributed
+    from safebasin.safety_core.measure import judges
+    bound = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.rank_device() == torch.device("cuda", 1) and bound == [1]
+    assert judges._device(None) == torch.device("cuda", 1)  # a judge's default device
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=2 but only 2 GPU\(s\) are visible"):
+        distributed.rank_device()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    # train, restore, eval, landscape: bound before the command runs (so before its first collective).
+    for name in sorted(entry.RANK_COMMANDS):
+        bound.clear()
+        seen = []
+        monkeypatch.setitem(entry.RANK_COMMANDS, name, lambda cfg, resume, seen=seen: seen.append(list(bound)))
+        entry.run_rank_command(name, None, False)
+        assert seen == [[1]], name
+    bound.clear()
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert distributed.rank_device() == torch.device("cpu") and bound == []
