@@ -86,6 +86,9 @@ def test_full_parameter_anchor_in_bf16_matches_fp32_and_zero2_matches_zero3(anch
     assert relative_gap(penalties(bf16_z2), penalties(fp32)) < 0.05
     assert relative_gap(penalties(bf16_z3), penalties(fp32)) < 0.05
     assert relative_gap(penalties(bf16_z2), penalties(bf16_z3)) < 0.01
+    # ZeRO-0 in bf16 has no per-parameter view of its fp32 masters: refused before any step.
+    with pytest.raises(RuntimeError, match="use deepspeed.stage 1, 2 or 3, or train.precision fp32"):
+        anchored("full", 0, "bf16")
 
 
 def test_lora_anchor_in_bf16_matches_fp32(anchored):

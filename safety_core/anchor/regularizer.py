@@ -105,8 +105,12 @@ def _fp32_value(W: torch.nn.Parameter) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_fp32_param
     master = safe_get_full_fp32_param(W)
     if master is None:
-        raise RuntimeError(f"a {W.dtype} weight without an fp32 master copy: full-parameter anchoring "
-                           f"in half precision needs DeepSpeed's bf16/fp16 optimizer (train.precision)")
+        # ZeRO-0 in bf16/fp16 keeps its masters in DeepSpeed's FP16_Optimizer, which has no
+        # per-parameter view of them; reading the half-precision weight instead is the error
+        # this function exists to avoid.
+        raise RuntimeError(f"full-parameter anchoring in {W.dtype} reads DeltaW from DeepSpeed's fp32 master "
+                           f"weights, which DeepSpeed exposes per parameter under ZeRO 1-3 only: use "
+                           f"deepspeed.stage 1, 2 or 3, or train.precision fp32")
     low = W.float()
     return low + (master.to(low.device, torch.float32) - low).detach()
 
