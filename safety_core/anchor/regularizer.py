@@ -29,6 +29,7 @@ from safebasin.safety_core.anchor import variants
 from safebasin.safety_core.anchor.basis import MANIFEST, BasisError, load_basis
 from safebasin.safety_core.anchor.variants import AnchorScaleWarning  # noqa: F401  (re-exported)
 from safebasin.safety_core.args import Section
+from safebasin.safety_core.precision import fp32_value
 from safebasin.safety_core.train.ds_config import zero_stage
 
 
@@ -93,26 +94,6 @@ def anchor_factory(args: AnchorArgs):
     def factory(model, ds_config):
         return [AnchorRegularizer(args, model, ds_config)]
     return factory
-
-
-def _fp32_value(W: torch.nn.Parameter) -> torch.Tensor:
-    """W's fp32 value, differentiable into W: the optimizer's fp32 master where training runs
-    in half precision (ZeRO 0-2 hold it as hp fragments; assembling it is one all-reduce of the
-    weight over the data-parallel group per call), else W itself. The straight-through form
-    (value of the master, gradient into the module weight) keeps the penalty on autograd."""
-    if W.dtype == torch.float32:
-        return W
-    from deepspeed.utils import safe_get_full_fp32_param
-    master = safe_get_full_fp32_param(W)
-    if master is None:
-        # ZeRO-0 in bf16/fp16 keeps its masters in DeepSpeed's FP16_Optimizer, which has no
-        # per-parameter view of them; reading the half-precision weight instead is the error
-        # this function exists to avoid.
-        raise RuntimeError(f"full-parameter anchoring in {W.dtype} reads DeltaW from DeepSpeed's fp32 master "
-                           f"weights, which DeepSpeed exposes per parameter under ZeRO 1-3 only: use "
-                           f"deepspeed.stage 1, 2 or 3, or train.precision fp32")
-    low = W.float()
-    return low + (master.to(low.device, torch.float32) - low).detach()
 
 
 def _lora_modules(model):
@@ -207,7 +188,7 @@ class AnchorRegularizer:
                 start = zero3.partition(W).start
                 W0 = zero3.local_fp32(W, U.device).clone()
             else:
-                start, W0 = 0, _fp32_value(W).detach().clone()
+                start, W0 = 0, fp32_value(W).detach().clone()
             layers.append(_FullLayer(path, U, c, W=W, W0=W0, start=start, shape=shape))
         return layers
 
@@ -277,7 +258,7 @@ class AnchorRegularizer:
                     out = p.detach() if self.projector else anchor_penalty(B, A, layer.U, self._ones(layer))
                     e = ((B.T @ B) * (A @ A.T)).sum()
             else:
-                W, W0 = _fp32_value(layer.W), layer.W0
+                W, W0 = fp32_value(layer.W), layer.W0
                 p = anchor_penalty_full(W, W0, layer.penalty_U, layer.c, self.region)
                 with torch.no_grad():
                     out = p.detach() if self.projector else anchor_penalty_full(W, W0, layer.U, self._ones(layer))
