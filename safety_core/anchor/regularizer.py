@@ -146,7 +146,8 @@ class AnchorRegularizer:
             if not self.layers:
                 raise BasisError(f"no trainable 2-D weight of the model has a layer in the basis "
                                  f"{args.basis} (basis layers look like {self.basis.names[:3]})")
-            self._report_coverage(model)
+            self.coverage = variants.announce_coverage(model, [layer.shape for layer in self.layers])
+            self._coverage_pending = True
         if not dist.is_initialized() or dist.get_rank() == 0:
             variants.announce(self.variant, self.lam, [layer.c for layer in self.layers],
                               [layer.U.shape[0] for layer in self.layers])
@@ -191,20 +192,6 @@ class AnchorRegularizer:
                 start, W0 = 0, fp32_value(W).detach().clone()
             layers.append(_FullLayer(path, U, c, W=W, W0=W0, start=start, shape=shape))
         return layers
-
-    def _report_coverage(self, model) -> None:
-        """Full parameters: only weights with a basis layer are anchored, the rest train freely;
-        the share of trainable parameters anchored is printed and logged with the first step."""
-        from math import prod
-        from safebasin.safety_core.distributed import is_main
-        trainable = sum(prod(zero3.full_shape(p)) for p in model.parameters() if p.requires_grad)
-        anchored = sum(prod(layer.shape) for layer in self.layers)
-        self.coverage = anchored / trainable
-        self._coverage_pending = True
-        if is_main():
-            print(f"[safebasin] anchor: {len(self.layers)} anchored weights hold {anchored:,} of "
-                  f"{trainable:,} trainable parameters ({100 * self.coverage:.1f}%); the rest train "
-                  f"without the anchor", flush=True)
 
     # -- Regularizer protocol -------------------------------------------------------------
 
@@ -281,16 +268,7 @@ class AnchorRegularizer:
         local = [zero3.local_fp32(layer.W, layer.U.device) for layer in self.layers]
         partials = [sharded_partials(w, layer.W0, layer.start, layer.shape, layer.U)
                     for w, layer in zip(local, self.layers)]
-        buckets: dict[int, tuple[object, list[int]]] = {}
-        for i, layer in enumerate(self.layers):
-            group = zero3.partition(layer.W).group
-            buckets.setdefault(id(group), (group, []))[1].append(i)
-        reduced = list(partials)
-        for group, members in buckets.values():
-            flat = torch.cat([partials[i] for i in members])
-            dist.all_reduce(flat, group=group)
-            for i, piece in zip(members, flat.split([partials[i].numel() for i in members])):
-                reduced[i] = piece
+        reduced = zero3.all_reduce_bucketed(partials, [zero3.partition(layer.W).group for layer in self.layers])
         total, outside, energy = 0.0, 0.0, 0.0
         for layer, w, r in zip(self.layers, local, reduced):
             penalty, out, sq, g = sharded_penalty_from(r, w, layer.W0, layer.start, layer.shape, layer.U,

@@ -107,3 +107,44 @@ def resume_accumulation(ckpt_root: Path, micro_batch: int, grad_accum: int, worl
             f"{accumulation_fix(saved, world)}")
     return accum, (f"train.gradient_accumulation_steps {grad_accum} -> {accum} keeps the checkpoint's "
                    f"global batch of {saved} examples per step ({micro_batch} x {accum} x {world} ranks)")
+
+
+def universal_needed(ckpt_root: Path, world_size: int) -> bool:
+    tag = latest_tag(ckpt_root)
+    if tag is None or not is_zero_sharded(Path(ckpt_root) / tag):
+        return False
+    return saved_world_size(ckpt_root, tag) != world_size
+
+
+def universal_ready(ckpt_root: Path) -> bool:
+    """True when `latest_universal` points at a finished conversion of the newest tag."""
+    tag = latest_tag(ckpt_root)
+    pointer = Path(ckpt_root) / "latest_universal"
+    return (tag is not None and pointer.is_file() and pointer.read_text().strip() == UNIVERSAL_PREFIX + tag
+            and (Path(ckpt_root) / (UNIVERSAL_PREFIX + tag) / "zero").is_dir())
+
+
+def convert_if_needed(ckpt_root: Path, world_size: int, *, workers: int = 2) -> Path | None:
+    """Write the universal form of the newest checkpoint when it was saved at another world size;
+    returns its folder, or None when the checkpoint loads as it is."""
+    ckpt_root = Path(ckpt_root)
+    if not universal_needed(ckpt_root, world_size):
+        return None
+    tag = latest_tag(ckpt_root)
+    target = ckpt_root / (UNIVERSAL_PREFIX + tag)
+    if universal_ready(ckpt_root):
+        return target
+    for stale in ckpt_root.glob(UNIVERSAL_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    (ckpt_root / "latest_universal").unlink(missing_ok=True)
+    # A child process: the converter starts its own worker pools and prints a lot.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(ckpt_root / tag), "--output_folder", str(target),
+           "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2)),
+           "--inject_missing_state"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 or not universal_ready(ckpt_root):
+        shutil.rmtree(target, ignore_errors=True)
+        raise CheckpointError(f"converting {ckpt_root / tag} to a universal checkpoint failed "
+                              f"(exit {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    return target
