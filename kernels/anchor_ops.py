@@ -184,37 +184,65 @@ def anchor_penalty_full_reference(W: torch.Tensor, W0: torch.Tensor, U: torch.Te
     return _FullPenalty.apply(W, W0, U, c, torch_anchor, region)
 
 
-def anchor_penalty_sharded(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int],
-                           U: torch.Tensor, c: torch.Tensor, group=None,
-                           region: str = "outside") -> tuple[torch.Tensor, torch.Tensor]:
-    """The full-parameter penalty of a weight of `shape` whose row-major flattening is split
-    across ranks: this rank holds elements [start, start + w.numel()) of W (w) and of W0 (w0).
-    U^T DeltaW is a sum over rows, so each rank forms its partial product from the rows its
-    fragment touches (a fragment may begin and end mid-row), one all-reduce of k x d_in + 1
-    floats completes it together with ||DeltaW||^2, and each rank then forms the gradient of
-    its own elements. Returns (the global penalty, dP/dw for this fragment), both exact; every
-    rank of `group` must call it (an empty fragment included)."""
+def sharded_partials(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int],
+                     U: torch.Tensor) -> torch.Tensor:
+    """This rank's share of [vec(U^T DeltaW), ||DeltaW||^2] (k x d_in + 1 floats) for a weight of
+    `shape` whose row-major flattening is split across ranks, this rank holding elements
+    [start, start + w.numel()) of W (w) and of W0 (w0). U^T DeltaW is a sum over rows (a
+    fragment may begin and end mid-row), so the shares of all ranks sum to the whole; several
+    layers' shares can go in one all-reduce."""
     d_out, d_in = shape
-    _check(U, c, d_out, region)
+    _check(U, U.new_ones(U.shape[1]), d_out)
     n = w.numel()
     if w0.numel() != n or start < 0 or start + n > d_out * d_in:
         raise ValueError(f"fragment [{start}, {start + n}) with {w0.numel()} initial values does not "
                          f"fit a {d_out} x {d_in} weight")
     w, w0 = w.reshape(-1), w0.reshape(-1)
-    ops = _pieces(w, w0, U, c)
-    dtype = torch.promote_types(w.dtype, torch.float32)
-    k = U.shape[1]
-    reduced = torch.zeros(k * d_in + 1, dtype=dtype, device=w.device)
+    out = torch.zeros(U.shape[1] * d_in + 1, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
     if n:
-        T, sq = ops.fragment_moments(w, w0, start, shape, U)
-        reduced[:-1] = T.flatten()
-        reduced[-1] = sq
+        T, sq = _pieces(w, w0, U).fragment_moments(w, w0, start, shape, U)
+        out[:-1] = T.flatten()
+        out[-1] = sq
+    return out
+
+
+def sharded_penalty_from(reduced: torch.Tensor, w: torch.Tensor, w0: torch.Tensor, start: int,
+                         shape: tuple[int, int], U: torch.Tensor, c: torch.Tensor, region: str = "outside"
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the rank-summed partials of one layer (taken with all k columns of U): (the penalty
+    over the first c.numel() columns in `region`, the energy outside span(U)
+    ||(I - U U^T) DeltaW||^2, the energy ||DeltaW||^2, dP/dw for this rank's fragment). The
+    metrics come from the same reduction as the penalty (U orthonormal)."""
+    d_out, d_in = shape
+    kc = c.numel()
+    penalty_U = U[:, :kc]
+    _check(penalty_U, c, d_out, region)
+    T = reduced[:-1].view(U.shape[1], d_in)
+    sq = reduced[-1]
+    row_sq = T.pow(2).sum(dim=1)
+    s, weight = _terms(c, T, region)
+    penalty = s * sq + (weight * row_sq[:kc]).sum()
+    outside = sq - row_sq.sum()
+    w, w0 = w.reshape(-1), w0.reshape(-1)
+    if not w.numel():
+        return penalty, outside, sq, torch.zeros(0, dtype=reduced.dtype, device=w.device)
+    scale = torch.tensor(2.0, dtype=reduced.dtype, device=w.device)
+    grad = _pieces(w, w0, penalty_U, c).fragment_grad(w, w0, start, shape, penalty_U,
+                                                       -weight[:, None] * T[:kc], scale, s)
+    return penalty, outside, sq, grad
+
+
+def anchor_penalty_sharded(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int],
+                           U: torch.Tensor, c: torch.Tensor, group=None,
+                           region: str = "outside") -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-parameter penalty of one weight split across ranks (see sharded_partials): one
+    all-reduce of k x d_in + 1 floats completes U^T DeltaW and ||DeltaW||^2, and each rank then
+    forms the gradient of its own elements. Returns (the global penalty, dP/dw for this
+    fragment), both exact; every rank of `group` must call it (an empty fragment included).
+    The trainer reduces all anchored layers of a step at once with the two halves directly."""
+    _check(U, c, shape[0], region)
+    reduced = sharded_partials(w, w0, start, shape, U)
     if dist.is_initialized():
         dist.all_reduce(reduced, group=group)
-    T = reduced[:-1].view(k, d_in)
-    s, weight = _terms(c, T, region)
-    penalty = s * reduced[-1] + (weight * T.pow(2).sum(dim=1)).sum()
-    if not n:
-        return penalty, torch.zeros(0, dtype=dtype, device=w.device)
-    scale = torch.tensor(2.0, dtype=dtype, device=w.device)
-    return penalty, ops.fragment_grad(w, w0, start, shape, U, -weight[:, None] * T, scale, s)
+    penalty, _, _, grad = sharded_penalty_from(reduced, w, w0, start, shape, U, c, region)
+    return penalty, grad

@@ -22,8 +22,12 @@ def multi_dot(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     if backend.use_triton(v, basis):
         from safebasin.kernels import triton_lbfgs
         return triton_lbfgs.multi_dot(v, basis)
+    if basis.dtype != torch.float32:
+        # Row by row: basis.float() would make an fp32 copy of the whole (half-precision) history.
+        v = v.float()
+        return torch.stack([row.float() @ v for row in basis]) if len(basis) else v.new_zeros(0)
     # A GEMV reads each basis element once; on CPU it runs at stream bandwidth (benchmarks/kernels.py).
-    return basis.float() @ v.float()
+    return basis @ v.float()
 
 
 def lin_comb(coeffs: torch.Tensor, basis: torch.Tensor, v: torch.Tensor | None = None,
@@ -35,7 +39,14 @@ def lin_comb(coeffs: torch.Tensor, basis: torch.Tensor, v: torch.Tensor | None =
     if backend.use_triton(coeffs, basis, v):
         from safebasin.kernels import triton_lbfgs
         return triton_lbfgs.lin_comb(coeffs, basis, v, float(v_coeff))
-    coeffs, basis_t = coeffs.float(), basis.float().T
+    if basis.dtype != torch.float32:
+        # Row by row, accumulated in fp32, for the same reason as in multi_dot.
+        out = torch.zeros(basis.shape[1], dtype=torch.float32, device=basis.device) if v is None \
+            else v.float() * float(v_coeff)
+        for c, row in zip(coeffs.tolist(), basis):
+            out.add_(row.float(), alpha=c)
+        return out
+    coeffs, basis_t = coeffs.float(), basis.T
     if v is None:
         return basis_t @ coeffs
     # addmv adds v_coeff * v inside the GEMV: no product temporary and no second pass over P

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from safebasin.safety_core.anchor.regularizer import AnchorArgs
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.measure.evaluation import EvalArgs
@@ -55,6 +55,27 @@ class JobConfig(Section):
     landscape: LandscapeJobArgs | None = None
     anchor: AnchorArgs | None = None
     restore: RestoreArgs | None = None
+
+    @model_validator(mode="after")
+    def _one_precision(self):
+        """model.dtype (what the weights are loaded in) and train.precision (what DeepSpeed
+        trains in) name one choice: given one, the other follows; given both, they must agree."""
+        if self.train is None:
+            return self
+        from safebasin.safety_core.precision import PRECISION
+        dtype_given = "dtype" in self.model.model_fields_set
+        precision_given = "precision" in self.train.model_fields_set
+        if dtype_given and precision_given and PRECISION[self.model.dtype] != self.train.precision:
+            follows = {v: k for k, v in PRECISION.items()}
+            raise ValueError(f"model.dtype {self.model.dtype!r} and train.precision {self.train.precision!r} "
+                             f"disagree: model.dtype {self.model.dtype!r} trains in train.precision "
+                             f"{PRECISION[self.model.dtype]!r}, train.precision {self.train.precision!r} "
+                             f"needs model.dtype {follows[self.train.precision]!r}; set one of them")
+        if dtype_given and not precision_given:
+            self.train.precision = PRECISION[self.model.dtype]
+        elif precision_given and not dtype_given:
+            self.model.dtype = {v: k for k, v in PRECISION.items()}[self.train.precision]
+        return self
 
     def require(self, *sections: str) -> None:
         missing = [s for s in sections if getattr(self, s) is None]

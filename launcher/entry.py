@@ -94,6 +94,15 @@ def run_restore(cfg: JobConfig, resume: bool = False) -> dict:
 RANK_COMMANDS = {"eval": run_eval, "landscape": run_landscape, "train": run_train, "restore": run_restore}
 
 
+def run_rank_command(command: str, cfg: JobConfig, resume: bool = False) -> dict:
+    """Every rank command starts here, on every rank (and in-process for one rank): cuda:LOCAL_RANK
+    becomes the process's current device before the command loads a model or joins a collective,
+    so nothing that takes "cuda" without an index (NCCL, judges, DeepSpeed) lands on GPU 0."""
+    from safebasin.safety_core.distributed import rank_device
+    rank_device()
+    return RANK_COMMANDS[command](cfg, resume)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="safebasin.launcher.entry")
     parser.add_argument("command", choices=sorted(RANK_COMMANDS))
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     library_bars_off()
     cfg = load_config(args.config)
     apply_threads(cfg.runtime)
-    RANK_COMMANDS[args.command](cfg, args.resume)
+    run_rank_command(args.command, cfg, args.resume)
     _leave_group()
 
 

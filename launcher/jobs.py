@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safebasin.launcher.config import ConfigError, JobConfig, dump, load_config
 from safebasin.launcher.topology import add_launch_args, describe, resolve
-from safebasin.safety_core.train.checkpoints import convert_if_needed
+from safebasin.safety_core.train.checkpoints import convert_if_needed, resume_accumulation
 
 
 def add_job_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
@@ -79,6 +79,9 @@ def run_job(command: str, cfg: JobConfig, args) -> dict:
     resolved = prepare_output(cfg, resume, getattr(args, "overwrite", False), topo)
     if resume and topo.node_rank == 0:
         # Before any rank starts: other nodes' ranks wait in the rendezvous meanwhile.
+        if command == "train":  # a global batch this world size cannot keep: refused before any rank starts
+            resume_accumulation(Path(cfg.output.dir) / "checkpoints", cfg.train.micro_batch_size,
+                                cfg.train.gradient_accumulation_steps, topo.world_size)
         universal = convert_if_needed(Path(cfg.output.dir) / "checkpoints", topo.world_size)
         if universal is not None:
             print(f"safebasin {command}: the checkpoint was saved at another world size; resuming "
@@ -87,13 +90,13 @@ def run_job(command: str, cfg: JobConfig, args) -> dict:
     # A rank log is written by the wrapper a launcher puts around each rank, so a one-rank job
     # that asks for one goes through the launcher too.
     if topo.in_process and rank_logs is None:
-        from safebasin.launcher.entry import RANK_COMMANDS
+        from safebasin.launcher.entry import run_rank_command
         from safebasin.launcher.launch import single_process_env
         from safebasin.safety_core.runtime import apply_threads
         single_process_env(replace=True)
         job = load_config(resolved)
         apply_threads(job.runtime)
-        return RANK_COMMANDS[command](job, resume)
+        return run_rank_command(command, job, resume)
     from safebasin.launcher.launch import launch
     # A built-in model is built into this node's cache here, once: ranks cannot build it
     # (transformers' save_pretrained writes nothing on a rank other than 0 once

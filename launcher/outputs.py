@@ -124,19 +124,23 @@ def _value(cfg: JobConfig, key: str):
 
 def plan_problems(old: JobConfig, new: JobConfig, old_world: int | None, new_world: int) -> list[str]:
     """The plan keys a resume changed, with both values. The batch is compared as the global
-    batch (micro x accumulation x ranks): a job may resume on other ranks with the accumulation
-    that keeps it."""
+    batch (micro x accumulation x ranks): the trainer keeps it by setting the accumulation
+    (checkpoints.resume_accumulation), so only a global batch that no accumulation can give at
+    the new micro batch and world size is a problem."""
+    from safebasin.safety_core.train.checkpoints import accumulation_fix, kept_accumulation
     problems = [f"{key}: {_value(old, key)!r} when the job started, {_value(new, key)!r} now"
                 for key in PLAN_KEYS if _value(old, key) != _value(new, key)]
     if old.train is not None and new.train is not None and old_world is not None:
         before = old.train.micro_batch_size * old.train.gradient_accumulation_steps * old_world
         after = new.train.micro_batch_size * new.train.gradient_accumulation_steps * new_world
-        if before != after:
+        if before != after and kept_accumulation(before, new.train.micro_batch_size, new_world) is None:
             problems.append(
                 f"global batch (train.micro_batch_size x train.gradient_accumulation_steps x ranks): "
                 f"{old.train.micro_batch_size} x {old.train.gradient_accumulation_steps} x {old_world} = "
                 f"{before} when the job started, {new.train.micro_batch_size} x "
-                f"{new.train.gradient_accumulation_steps} x {new_world} = {after} now")
+                f"{new.train.gradient_accumulation_steps} x {new_world} = {after} now, and no "
+                f"train.gradient_accumulation_steps keeps {before} with {new.train.micro_batch_size} x "
+                f"{new_world} ranks: {accumulation_fix(before, new_world)}")
     return [f"--resume keeps the job's plan, but {p}; resume with the old value, or start a new job "
             f"(another output.dir, or --overwrite)" for p in problems]
 

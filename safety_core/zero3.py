@@ -74,3 +74,18 @@ def add_to_local_grad(p: torch.nn.Parameter, g: torch.Tensor, scale: float = 1.0
 def zero_local_grad(p: torch.nn.Parameter) -> None:
     from deepspeed.utils import safe_set_local_grad
     safe_set_local_grad(p, torch.zeros_like(local_grad(p)))
+
+
+def all_reduce_bucketed(tensors: list[torch.Tensor], groups: list) -> list[torch.Tensor]:
+    """The sums over ranks of `tensors` (tensor i over groups[i]) with one all-reduce per
+    distinct group: many small reductions (one per layer) cost one collective's latency."""
+    buckets: dict[int, tuple[object, list[int]]] = {}
+    for i, group in enumerate(groups):
+        buckets.setdefault(id(group), (group, []))[1].append(i)
+    out = list(tensors)
+    for group, members in buckets.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in members])
+        dist.all_reduce(flat, group=group)
+        for i, piece in zip(members, flat.split([tensors[i].numel() for i in members])):
+            out[i] = piece.view_as(tensors[i])
+    return out

@@ -3,7 +3,6 @@ cache, the own grad norm at ZeRO-0, thread defaults, and MLflow logging off the 
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

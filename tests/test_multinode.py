@@ -157,13 +157,14 @@ def test_killed_node_fails_the_other_and_the_job_resumes_on_one_rank(job, ref):
     ckpt = job["root"] / "killed" / "checkpoints"
     assert checkpoint_intact(ckpt, world=2) == "step2"
 
-    # One rank with two accumulation steps keeps the global batch (4 x 1 x 2 ranks = 4 x 2 x 1), so
-    # it sees the same examples per step; the tool converts the 2-rank checkpoint to the universal
-    # format first.
-    res = safebasin_cli("train", str(job["cfg"]), f"output.dir={job['root'] / 'killed'}",
-                        "train.gradient_accumulation_steps=2", "--resume", cwd=job["root"], env=job["env"])
+    # The same config on one rank: the trainer keeps the checkpoint's global batch with two
+    # accumulation steps (4 x 1 x 2 ranks = 4 x 2 x 1), so it sees the same examples per step;
+    # the tool converts the 2-rank checkpoint to the universal format first.
+    res = safebasin_cli("train", str(job["cfg"]), f"output.dir={job['root'] / 'killed'}", "--resume",
+                        cwd=job["root"], env=job["env"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     assert "universal form" in res.stdout
+    assert "train.gradient_accumulation_steps 1 -> 2 keeps the checkpoint's global batch of 8" in res.stdout
     # Tolerance: steps 3-6 sum gradients in another order (two micro-batches on one rank instead
     # of one on each of two ranks), which moves float32 losses by about 1e-6 relative.
     assert losses(job["root"] / "killed") == pytest.approx(ref["losses"], rel=1e-4, abs=1e-5)
@@ -183,10 +184,19 @@ def test_one_rank_job_resumes_on_two_ranks(job, ref):
     assert res.returncode != 0 and "injected failure" in res.stdout + res.stderr
     from safebasin.safety_core.train.checkpoints import saved_world_size
     assert saved_world_size(out / "checkpoints") == 1 and (out / "checkpoints" / "latest").read_text() == "step2"
-    res = safebasin_cli("train", str(job["cfg"]), f"output.dir={out}", "--nproc", "2", "--resume",
+    # A global batch of 8 cannot be kept with 3 x 2 ranks per accumulation step: refused before
+    # any rank starts, naming the numbers and the fix; the checkpoint is left as it was.
+    res = safebasin_cli("train", str(job["cfg"]), *one_rank, "train.micro_batch_size=3", "--nproc", "2",
+                        "--resume", cwd=job["root"], env=job["env"])
+    assert res.returncode == 2 and "4 x 2 x 1 = 8 when the job started, 3 x 2 x 2 = 12 now" in res.stderr
+    assert "keeps 8 with 3 x 2 ranks: set train.micro_batch_size to one of [1, 2, 4]" in res.stderr
+    assert "[rank" not in res.stdout + res.stderr and not list((out / "checkpoints").glob("universal-*"))
+    # The same config (two accumulation steps) on 2 ranks: the trainer keeps the global batch with one.
+    res = safebasin_cli("train", str(job["cfg"]), *one_rank, "--nproc", "2", "--resume",
                         cwd=job["root"], env=job["env"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     assert "universal form" in res.stdout
+    assert "train.gradient_accumulation_steps 2 -> 1 keeps the checkpoint's global batch of 8" in res.stdout
     assert losses(out) == pytest.approx(ref["losses"], rel=1e-4, abs=1e-5)
     assert saved_world_size(out / "checkpoints") == 2
 

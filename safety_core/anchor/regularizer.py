@@ -7,7 +7,11 @@ or one of its controls (`anchor.variant`, see anchor/variants.py): `l2` (C = 0, 
 `aligned` (||C DeltaW||_F^2, the part inside the alignment span).
 
 DeltaW = B A for LoRA (times alpha/r only with include_lora_scaling) and W - W0 for full
-parameters. Where the trainable parameters are whole on every rank (ZeRO 0-2) the penalty goes
+parameters. For full parameters W and W0 are the optimizer's fp32 values at every ZeRO stage (in
+bf16/fp16 training the module's half-precision weights round away updates smaller than their
+last bit, so DeltaW taken from them would differ from the fp32 masters ZeRO-3 reads); W0 is
+kept like the parameters: whole on every rank under ZeRO 0-2, this rank's fragment under
+ZeRO-3. Where the trainable parameters are whole on every rank (ZeRO 0-2) the penalty goes
 through autograd; under ZeRO-3 they are partitioned, so its gradient is added to each rank's
 gradient partition after the last backward of the step and before clipping and the optimizer
 step, through DeepSpeed's tensor-fragment API.
@@ -25,6 +29,7 @@ from safebasin.safety_core.anchor import variants
 from safebasin.safety_core.anchor.basis import MANIFEST, BasisError, load_basis
 from safebasin.safety_core.anchor.variants import AnchorScaleWarning  # noqa: F401  (re-exported)
 from safebasin.safety_core.args import Section
+from safebasin.safety_core.precision import fp32_value
 from safebasin.safety_core.train.ds_config import zero_stage
 
 
@@ -79,7 +84,7 @@ class _LoraLayer(_Layer):
 @dataclass
 class _FullLayer(_Layer):
     W: torch.nn.Parameter
-    W0: torch.Tensor          # ZeRO 0-2: the whole initial weight; ZeRO-3: this rank's fragment
+    W0: torch.Tensor          # fp32; ZeRO 0-2: the whole initial weight; ZeRO-3: this rank's fragment
     start: int = 0            # ZeRO-3: first flat index of this rank's fragment in W
     shape: tuple = ()
 
@@ -110,7 +115,8 @@ class AnchorRegularizer:
     `anchor_outside_share` = sum ||(I - U_k U_k^T) DeltaW||^2 / sum ||DeltaW||^2, the share of
     the update's energy outside span(U_k) (None while DeltaW = 0). For the projector variant
     (c = 1) the two numerators are the same; for safelora (c != 1) the outside energy is one
-    more penalty evaluation with c = 1, without gradient.
+    more penalty evaluation with c = 1, without gradient, except for full parameters under
+    ZeRO-3, where it is read off the penalty's own reduction (no second pass or collective).
     """
 
     def __init__(self, args: AnchorArgs, model, ds_config: dict):
@@ -128,6 +134,8 @@ class AnchorRegularizer:
         self.projector = self.variant == "projector"
         self._micro = 0
         self._pending: dict[str, torch.Tensor] = {}
+        self.coverage: float | None = None  # full parameters: share of trainable parameters anchored
+        self._coverage_pending = False
         lora = list(_lora_modules(model))
         self.method = "lora" if lora else "full"
         if lora:
@@ -138,6 +146,8 @@ class AnchorRegularizer:
             if not self.layers:
                 raise BasisError(f"no trainable 2-D weight of the model has a layer in the basis "
                                  f"{args.basis} (basis layers look like {self.basis.names[:3]})")
+            self.coverage = variants.announce_coverage(model, [layer.shape for layer in self.layers])
+            self._coverage_pending = True
         if not dist.is_initialized() or dist.get_rank() == 0:
             variants.announce(self.variant, self.lam, [layer.c for layer in self.layers],
                               [layer.U.shape[0] for layer in self.layers])
@@ -179,7 +189,7 @@ class AnchorRegularizer:
                 start = zero3.partition(W).start
                 W0 = zero3.local_fp32(W, U.device).clone()
             else:
-                start, W0 = 0, W.detach().clone()
+                start, W0 = 0, fp32_value(W).detach().clone()
             layers.append(_FullLayer(path, U, c, W=W, W0=W0, start=start, shape=shape))
         return layers
 
@@ -211,7 +221,11 @@ class AnchorRegularizer:
         penalty, outside, energy = float(penalty), float(outside), float(energy)
         # Without a basis there is no span to be outside of.
         share = outside / energy if energy > 0 and self.basis is not None else None
-        return {"anchor_penalty": penalty, "anchor_outside_share": share}
+        metrics = {"anchor_penalty": penalty, "anchor_outside_share": share}
+        if self._coverage_pending:
+            metrics["anchor_coverage"] = self.coverage
+            self._coverage_pending = False
+        return metrics
 
     def _ones(self, layer: _Layer) -> torch.Tensor:
         return torch.ones(layer.U.shape[1], device=layer.U.device)
@@ -231,7 +245,7 @@ class AnchorRegularizer:
                     out = p.detach() if self.projector else anchor_penalty(B, A, layer.U, self._ones(layer))
                     e = ((B.T @ B) * (A @ A.T)).sum()
             else:
-                W, W0 = layer.W.float(), layer.W0.float()
+                W, W0 = fp32_value(layer.W), layer.W0
                 p = anchor_penalty_full(W, W0, layer.penalty_U, layer.c, self.region)
                 with torch.no_grad():
                     out = p.detach() if self.projector else anchor_penalty_full(W, W0, layer.U, self._ones(layer))
@@ -243,25 +257,24 @@ class AnchorRegularizer:
     # -- ZeRO-3: gradient partitions ------------------------------------------------------
 
     def _zero3_full(self, loss_scale: float):
-        """The exact sharded penalty: per layer one all-reduce of k x d_in + 1 floats, each rank
-        forming the gradient of the rows it holds; no parameter is gathered."""
-        from safebasin.kernels import anchor_penalty_sharded
-        total, outside, energy, group = 0.0, 0.0, None, None
-        for layer in self.layers:
-            group = zero3.partition(layer.W).group
-            # With optimizer offload the fp32 partition and its gradient live on the CPU; the
-            # collectives run on the anchor's (the parameter's) device.
-            w = zero3.local_fp32(layer.W, layer.U.device)
-            penalty, g = anchor_penalty_sharded(w, layer.W0, layer.start, layer.shape, layer.penalty_U,
-                                                layer.c, group=group, region=self.region)
-            total = total + penalty
-            outside = outside + (penalty if self.projector else anchor_penalty_sharded(
-                w, layer.W0, layer.start, layer.shape, layer.U, self._ones(layer), group=group)[0])
+        """The exact sharded penalty without gathering a parameter: each rank forms its share of
+        every layer's U^T DeltaW and ||DeltaW||^2, one all-reduce per process group sums all
+        anchored layers' shares at once (k x d_in + 1 floats per layer), and each rank then forms
+        the gradient of the elements it holds. The outside-span metric and the update energy
+        come from the same reduction."""
+        from safebasin.kernels.anchor_ops import sharded_partials, sharded_penalty_from
+        # With optimizer offload the fp32 partition and its gradient live on the CPU; the
+        # collectives run on the anchor's (the parameter's) device.
+        local = [zero3.local_fp32(layer.W, layer.U.device) for layer in self.layers]
+        partials = [sharded_partials(w, layer.W0, layer.start, layer.shape, layer.U)
+                    for w, layer in zip(local, self.layers)]
+        reduced = zero3.all_reduce_bucketed(partials, [zero3.partition(layer.W).group for layer in self.layers])
+        total, outside, energy = 0.0, 0.0, 0.0
+        for layer, w, r in zip(self.layers, local, reduced):
+            penalty, out, sq, g = sharded_penalty_from(r, w, layer.W0, layer.start, layer.shape, layer.U,
+                                                       layer.c, self.region)
             zero3.add_to_local_grad(layer.W, g, self.lam * loss_scale)
-            with torch.no_grad():
-                local = (w - layer.W0).pow(2).sum().double()
-            energy = local if energy is None else energy + local
-        dist.all_reduce(energy, group=group)  # one reduction for every layer's ||DeltaW||^2
+            total, outside, energy = total + penalty, outside + out, energy + sq
         return total, outside, energy
 
     def _zero3_lora(self, loss_scale: float):

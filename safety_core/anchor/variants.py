@@ -102,3 +102,19 @@ def announce(variant: str, lam: float, cs: list[torch.Tensor], dims: list[int]) 
     print(f"[safebasin] {line}", flush=True)
     if warning:
         warnings.warn(warning, AnchorScaleWarning, stacklevel=3)
+
+
+def announce_coverage(model, shapes: list[tuple[int, int]]) -> float:
+    """Full parameters: only the weights with a layer in the basis (all 2-D ones for l2) are
+    anchored, the rest train freely. Prints (rank 0) and returns the share of trainable
+    parameters anchored; the trainer logs it as anchor_coverage with the first step."""
+    from math import prod
+    from safebasin.safety_core import zero3
+    from safebasin.safety_core.distributed import is_main
+    trainable = sum(prod(zero3.full_shape(p)) for p in model.parameters() if p.requires_grad)
+    anchored = sum(prod(shape) for shape in shapes)
+    if is_main():
+        print(f"[safebasin] anchor: {len(shapes)} anchored weights hold {anchored:,} of {trainable:,} "
+              f"trainable parameters ({100 * anchored / trainable:.1f}%); the rest train without the "
+              f"anchor", flush=True)
+    return anchored / trainable

@@ -23,6 +23,12 @@ class RestoreArgs(Section):
     retain1_size: int = Field(256, ge=1, description="|D_retain1|")
     retain2_size: int = Field(256, ge=1, description="|D_retain2|")
     history: int = Field(10, ge=1, description="m: newest curvature pairs kept")
+    history_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="storage of the curvature pairs (dots and directions are fp32 either way); "
+        "bf16 halves the 2 m P_local values per rank")
+    history_device: Literal["parameters", "cpu"] = Field(
+        "parameters", description="where the curvature pairs live: the parameters' device, or the "
+        "CPU (host memory; each direction then streams the history over the host)")
     pair_threshold: float = Field(1e-6, description="a pair is kept iff the reduced <s, y> exceeds this")
     probes: int = Field(30, ge=1, description="probe batches per pair collection, cycling "
                         "the sets curvature_sources names")

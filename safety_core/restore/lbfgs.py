@@ -85,7 +85,7 @@ class CurvatureBuffer:
     """
 
     def __init__(self, history: int = 10, threshold: float = 1e-6, group=None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None):
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
         if dtype not in _STORAGE_DTYPES:
@@ -94,6 +94,7 @@ class CurvatureBuffer:
         self.threshold = threshold
         self.group = group
         self.dtype = dtype
+        self.device = device  # storage; None: the device of the first pushed vectors
         self.distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if self.distributed else 1
         self.stats = CommStats()
@@ -117,6 +118,12 @@ class CurvatureBuffer:
         """Bytes of vector storage on this rank (the O(m^2) scalars are not counted)."""
         return 0 if self._buf is None else self._buf.numel() * self._buf.element_size()
 
+    def curvatures(self) -> list[float]:
+        """<s, y> / <s, s> of the kept pairs, oldest first: the Hessian's Rayleigh quotient
+        along each probe step (a diagnostic of the pairs' quality)."""
+        gss, gsy, _ = self._gram
+        return [float(gsy[i, i] / gss[i, i]) for i in self._order]
+
     def reset(self) -> None:
         """Forget all pairs; the storage (and the shard size it fixes) is kept for reuse."""
         self._order.clear()
@@ -134,7 +141,13 @@ class CurvatureBuffer:
         self.stats.all_reduce_calls += 1
         self.stats.floats_reduced += t.numel()
         if self.world_size > 1:
-            dist.all_reduce(t, group=self.group)
+            # NCCL moves CUDA tensors only: a history kept on the CPU reduces through the GPU.
+            on_comm = t
+            if dist.get_backend(self.group) == "nccl" and t.device.type != "cuda":
+                on_comm = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_comm, group=self.group)
+            if on_comm is not t:
+                t.copy_(on_comm)
         return t
 
     def _view(self) -> torch.Tensor:
@@ -151,7 +164,7 @@ class CurvatureBuffer:
         if s.numel() != y.numel():
             raise ValueError(f"s and y differ in size: {s.numel()} vs {y.numel()}")
         if self._buf is None:
-            self._buf = torch.empty(2 * self.history, s.numel(), dtype=self.dtype, device=s.device)
+            self._buf = torch.empty(2 * self.history, s.numel(), dtype=self.dtype, device=self.device or s.device)
         self.stats.pushes += 1
         # Dots are taken with the vectors as they will be stored, so the Gram stays exact for them.
         s = s.detach().to(self._buf.device, self.dtype)

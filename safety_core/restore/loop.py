@@ -33,11 +33,8 @@ import torch
 from safebasin.safety_core.distributed import all_reduce_sum, init_distributed
 from safebasin.safety_core.restore.config import RestoreArgs
 from safebasin.safety_core.restore.lbfgs import CurvatureBuffer
-from safebasin.safety_core.restore.policy import (
-    TrustRegion,
-    agreement,
-    predicted_retain_change,
-)
+from safebasin.safety_core.restore.memory import HISTORY_DTYPES, plan_history
+from safebasin.safety_core.restore.policy import TrustRegion, agreement, predicted_retain_change
 from safebasin.safety_core.restore.sets import RestoreSets, batches, build_sets
 from safebasin.safety_core.restore.spaces import FlatSpace, build_space, loss_and_grad
 from safebasin.safety_core.train.ds_config import DeepSpeedArgs
@@ -69,6 +66,9 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
     pad_id = tokenizer.pad_token_id
     sets = build_sets(args, tokenizer)
     space, stage, keep_alive = build_space(model_args, method, args, ds_args, world)
+    # Before any work: a history that cannot fit fails the job now, not after the set-up.
+    history_device = plan_history(args.history, space.numel, args.history_dtype, args.history_device,
+                                  space.device, is_rank0=rank == 0)
     log = _IterationLog(out_dir, rank == 0, log_fn)
     forget_b = batches(sets.forget, args.batch_size)
     retain_b = batches(sets.retain1 + sets.retain2, args.batch_size)
@@ -78,7 +78,8 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
     forget_loss, g_forget = loss_and_grad(space, forget_b, pad_id, grad=True)
     retain_loss, g_retain = loss_and_grad(space, retain_b, pad_id, grad=True)
     start = {"forget_loss": forget_loss, "retain_loss": retain_loss}
-    buffer = CurvatureBuffer(args.history, args.pair_threshold)
+    buffer = CurvatureBuffer(args.history, args.pair_threshold, dtype=HISTORY_DTYPES[args.history_dtype],
+                             device=history_device)
     collect_pairs(buffer, space, sets, args, pad_id, round_=0)
     region = TrustRegion(args.delta)
 
@@ -92,7 +93,7 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
         pull_back = args.mu * (theta - theta_ft)
         sizes = {"forget_grad_norm": math.sqrt(space.dot(g_forget, g_forget)),
                  "pull_back_norm": math.sqrt(space.dot(pull_back, pull_back))}
-        d = buffer.apply_inverse(g_forget - pull_back)
+        d = buffer.apply_inverse(g_forget - pull_back).to(theta.device)
         d_norm = math.sqrt(max(buffer.last_info.d_norm_sq, 0.0))
         saved = space.snapshot()
         accepted, tries = False, 0
@@ -124,14 +125,14 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
                   f"(start {start['retain_loss']:.4f} + eps {args.eps})")
 
     final_dir = out_dir / ("adapter" if model_args.adapter is not None else "model")
-    export(space.model, tokenizer, final_dir, zero3=stage == 3, is_rank0=rank == 0)
+    export(space.model, tokenizer, final_dir, zero3=stage == 3, is_rank0=rank == 0, dtype=model_args.dtype)
     summary = {"initial": start,
                "restored": {"forget_loss": forget_loss, "retain_loss": retain_loss},
                "accepted_steps": sum(r["accepted"] for r in log.rows), "iterations": args.iterations,
                "sizes": sets.sizes(), "trainable_parameters": int(all_reduce_sum([space.numel])[0]),
                "zero_stage": stage, "world_size": world,
                "pairs": {"offered": buffer.stats.pushes, "accepted": buffer.stats.accepted,
-                         "kept": len(buffer)}}
+                         "kept": len(buffer), "curvatures": buffer.curvatures()}}
     del keep_alive
     return RestoreResult(out_dir=out_dir, final_dir=final_dir, rows=log.rows, summary=summary,
                          model=space.model)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from safebasin.safety_core import zero3
 from safebasin.safety_core.distributed import all_reduce_sum, rank_device
 from safebasin.safety_core.nll import sharded_mean_nll
-from safebasin.safety_core.precision import PRECISION
+from safebasin.safety_core.precision import DTYPES
 from safebasin.safety_core.restore.config import RestoreArgs
 from safebasin.safety_core.restore.lbfgs import shard_range
 from safebasin.safety_core.train import data as data_lib
@@ -50,6 +50,12 @@ class ReplicatedSpace(FlatSpace):
     Gradients are summed over ranks with one all-reduce of the full vector (each rank's loss is
     already divided by the global token count), and a new parameter vector is all-gathered from
     the shards before it is written.
+
+    Cost at scale: every gradient (one per loss_and_grad call: two per iteration, two per probe)
+    all-reduces the full fp32 gradient, 4 P bytes, and each rank holds it whole besides the fp32
+    weights; only the L-BFGS vectors are sharded. That suits adapters and small models; full-
+    parameter restoration of large models goes through ZeRO-3 (Zero3Space), which reduce-scatters
+    and keeps 1 / world of everything.
     """
 
     collective_forward = False
@@ -210,16 +216,37 @@ def _select_trainable(model, model_args: ModelArgs, method: MethodArgs) -> list[
     return params
 
 
+def _fp32_at_model_dtype(model, dtype: str, *, partitioned: bool) -> None:
+    """Round every parameter (held in fp32) through model.dtype: restoration starts at the
+    weights the model has in its dtype, and computes from there in fp32."""
+    low = DTYPES[dtype]
+    if low == torch.float32:
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            t = p.ds_tensor if partitioned else p.data
+            t.copy_(t.to(low).float())
+
+
 def build_space(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_args: DeepSpeedArgs,
                 world: int):
     """(space, ZeRO stage, object to keep alive until export). Stages 0-2 replicate the
     parameters (their partitioning concerns optimizer state, which restoration has none of),
-    so they share the replicated path; stage 3 goes through a DeepSpeed engine."""
+    so they share the replicated path; stage 3 goes through a DeepSpeed engine.
+
+    Whatever model.dtype is, restoration computes in fp32 from the model.dtype-rounded weights:
+    the curvature pairs y = g1 - g0 are differences of nearby gradients, which bf16 rounding
+    (8 bits) would dominate, and probe steps s = -eta_c g below a weight's last bf16 bit would
+    vanish. The cost is an fp32 copy of the weights: 4 bytes per parameter replicated on
+    every rank under ZeRO 0-2, 4 / world under ZeRO-3 (the path for large models). The result
+    is exported in model.dtype."""
     device = rank_device()
     config = _ds_config(ds_args, args, model_args, world)
     stage = zero_stage(config)
+    fp32_args = model_args.model_copy(update={"dtype": "float32"})
     if stage < 3:
-        model = load_model(model_args, for_training=True)
+        model = load_model(fp32_args, for_training=True)
+        _fp32_at_model_dtype(model, model_args.dtype, partitioned=False)
         params = _select_trainable(model, model_args, method)
         model.to(device).eval()  # eval: no dropout, so a batch's gradient is a function of theta
         return ReplicatedSpace(model, params, device), stage, None
@@ -229,11 +256,9 @@ def build_space(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds
     if offload == "nvme":
         raise ValueError("restore under ZeRO-3 writes parameter partitions in place; "
                          "offload_param to nvme is not supported (use cpu or none)")
-    if model_args.dtype == "float16":
-        raise ValueError("restore under ZeRO-3 reads DeepSpeed's gradient partitions, which fp16 "
-                         "loss scaling would scale: use model.dtype bfloat16 or float32")
     hf_ds = HfDeepSpeedConfig(config)  # partitions the weights as they load
-    model = load_model(model_args, for_training=True)
+    model = load_model(fp32_args, for_training=True)
+    _fp32_at_model_dtype(model, model_args.dtype, partitioned=True)
     params = _select_trainable(model, model_args, method)
     # Never stepped (lr 0): DeepSpeed builds its gradient partitions around an optimizer.
     optimizer = torch.optim.AdamW(params, lr=0.0)
@@ -256,6 +281,6 @@ def _ds_config(ds_args: DeepSpeedArgs, args: RestoreArgs, model_args: ModelArgs,
                                                 trust_remote_code=model_args.trust_remote_code),
                      "hidden_size", None)
     return fill_auto(config, micro_batch=args.batch_size, grad_accum=1, world=world, lr=0.0,
-                     weight_decay=0.0, max_grad_norm=0.0, precision=PRECISION[model_args.dtype],
+                     weight_decay=0.0, max_grad_norm=0.0, precision="fp32",
                      hidden_size=hidden, total_steps=1, warmup_steps=0,
                      on_cpu=get_accelerator().device_name() == "cpu")

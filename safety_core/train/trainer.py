@@ -58,7 +58,8 @@ class TrainArgs(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_grad_norm: float = Field(1.0, ge=0)
     eval_every: int = Field(0, ge=0, description="optimizer steps between held-out evals; 0: at the end only")
-    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0: none")
+    save_every: int = Field(500, ge=0, description="optimizer steps between checkpoints, plus one at the "
+                            "end (what --resume continues from); 0: none")
     keep_checkpoints: int = Field(2, ge=1)
     eval_batch_size: int = Field(8, ge=1)
     log_every: int = Field(0, ge=0, description="steps between plain progress lines when output is not "
@@ -152,6 +153,14 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
 
     on_cpu = get_accelerator().device_name() == "cpu"
     warn_slow_precision(train_args.precision, on_cpu)
+    ckpt = latest_checkpoint(out_dir)
+    if resume and ckpt is not None:
+        accum, note = checkpoints.resume_accumulation(ckpt, train_args.micro_batch_size,
+                                                      train_args.gradient_accumulation_steps, world)
+        if note:
+            train_args = train_args.model_copy(update={"gradient_accumulation_steps": accum})
+            if is_rank0:
+                print(f"[safebasin] resume at {world} ranks: {note}", flush=True)
     tokenizer = load_tokenizer(model_args)
     step_hooks = list(step_hooks(tokenizer) if callable(step_hooks) else step_hooks)
     conversations, mix_report = training_set_with_report(data_args)
@@ -177,7 +186,6 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
                           hidden_size=hidden, total_steps=total_steps,
                           warmup_steps=train_args.warmup_steps, on_cpu=on_cpu)
     stage = zero_stage(ds_config)
-    ckpt = latest_checkpoint(out_dir)
     if resume and ckpt is not None and checkpoints.universal_needed(ckpt, world):
         # Saved at another world size: load the universal form the launcher converted.
         if not checkpoints.universal_ready(ckpt):
@@ -205,6 +213,11 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
         _, loaded = engine.load_checkpoint(str(ckpt))
         ours = loaded["safebasin"]
         start_step = int(ours["step"])
+        consumed = ours.get("consumed_samples")
+        if consumed is not None and consumed != start_step * sampler.global_batch:
+            raise checkpoints.CheckpointError(
+                f"{ckpt}: {consumed} samples consumed in {start_step} steps is not {start_step} x the "
+                f"global batch {sampler.global_batch}; the data order would skip or repeat examples")
         client_state = {**ours, **client_state}
     elif resume and is_rank0:
         print(f"[safebasin] --resume: no checkpoint under {out_dir / 'checkpoints'}; starting fresh")
@@ -346,8 +359,12 @@ def save_checkpoint(engine, out_dir: Path, step: int, client_state: dict, keep: 
     # checkpoint. So `latest` is written here, after the barrier that ends save_checkpoint (every
     # shard is written by then), and atomically; a crash mid-save keeps the previous checkpoint.
     tag = f"step{step}"
+    # The samples consumed and the global batch let a resume on another world size keep the
+    # data order and the schedule (checkpoints.resume_accumulation).
+    batch = engine.train_batch_size()
     engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False, client_state={
-        "safebasin": {**client_state, "step": step, "world_size": dist.get_world_size()}})
+        "safebasin": {**client_state, "step": step, "world_size": dist.get_world_size(),
+                      "global_batch": batch, "consumed_samples": step * batch}})
     if is_rank0:
         tmp = ckpt / f".latest.{os.getpid()}.tmp"
         tmp.write_text(tag)
