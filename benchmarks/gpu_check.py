@@ -140,7 +140,10 @@ def make_basis(model_path: str, out: Path) -> Path:
 
 def jobs(out: Path, model: str, smoke: bool) -> None:
     from safebasin.safety_core.train.modeling import ModelArgs
-    exe = str(Path(sys.executable).with_name("safebasin"))
+    script = Path(sys.executable).with_name("safebasin")
+    # Installed with --target (wheels carried to a bare machine) there is no console script
+    # beside the interpreter; the module runs the same command.
+    exe = [str(script)] if script.exists() else [sys.executable, "-m", "safebasin.launcher.cli"]
     path = ModelArgs(path=model).resolved_path()
     basis = make_basis(path, out)
     precision, dtype = ("fp32", "float32") if smoke else ("bf16", "bfloat16")
@@ -160,7 +163,7 @@ def jobs(out: Path, model: str, smoke: bool) -> None:
                  "anchor": {"basis": str(basis), "lambda": 1.0},
                  "output": {"dir": str(out / "train")}, **common}
     (out / "train.yaml").write_text(yaml.safe_dump(train_cfg))
-    code, secs, _ = run([exe, "train", str(out / "train.yaml")], out / "train.log", 200)
+    code, secs, _ = run([*exe, "train", str(out / "train.yaml")], out / "train.log", 200)
     rows = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()] \
         if (out / "train" / "metrics.jsonl").exists() else []
     ok = code == 0 and rows and all(r["loss"] == r["loss"] and "anchor_penalty" in r for r in rows)
@@ -177,7 +180,7 @@ def jobs(out: Path, model: str, smoke: bool) -> None:
                                "max_length": 256},
                    "deepspeed": {"stage": 2}, "output": {"dir": str(out / "restore")}, **common}
     (out / "restore.yaml").write_text(yaml.safe_dump(restore_cfg))
-    code, secs, _ = run([exe, "restore", str(out / "restore.yaml")], out / "restore.log", 150)
+    code, secs, _ = run([*exe, "restore", str(out / "restore.yaml")], out / "restore.log", 150)
     res = out / "restore" / "results.json"
     summary = json.loads(res.read_text()) if code == 0 and res.exists() else None
     record("restoration of that adapter", summary is not None,
@@ -189,7 +192,7 @@ def jobs(out: Path, model: str, smoke: bool) -> None:
                          "max_new_tokens": 64, "batch_size": 16},
                 "output": {"dir": str(out / "eval")}, **common}
     (out / "eval.yaml").write_text(yaml.safe_dump(eval_cfg))
-    code, secs, _ = run([exe, "eval", str(out / "eval.yaml")], out / "eval.log", 120)
+    code, secs, _ = run([*exe, "eval", str(out / "eval.yaml")], out / "eval.log", 120)
     record("safebasin eval, 16 prompts", code == 0 and (out / "eval" / "results.json").exists(),
            f"exit {code}, {16 / secs:.2f} prompts/s whole process ({secs:.0f} s)")
 
