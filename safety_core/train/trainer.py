@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field, model_validator
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.distributed import chunks, init_distributed
+from safebasin.safety_core.distributed import all_reduce_sum, chunks, init_distributed
 from safebasin.safety_core.nll import sharded_mean_nll
 from safebasin.safety_core.progress import Progress
 from safebasin.safety_core.runtime import warn_slow_precision
@@ -125,9 +125,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def _mean_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    # all_reduce_sum reduces on the backend's device: NCCL takes no CPU tensor (seen on an H200).
+    return [v / dist.get_world_size() for v in all_reduce_sum(values)]
 
 
 def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_args: TrainArgs,
