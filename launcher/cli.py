@@ -13,6 +13,7 @@ from safebasin.launcher.topology import LaunchError
 from safebasin.safety_core.progress import library_bars_off
 from safebasin.safety_core.train.checkpoints import CheckpointError
 from safebasin.safety_core.train.data import DataError
+from safebasin.safety_core.train.pretrained import FetchError
 
 
 def cmd_train(args) -> int:
@@ -194,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_safe_lora_project)
     from safebasin.launcher import measure
     measure.register(sub, add_job_args)
-    from safebasin.launcher import demo
+    from safebasin.launcher import demo, models
     demo.register(sub)
+    models.register(sub)
     return parser
 
 
@@ -216,7 +218,7 @@ def _stop(signum, _frame):
 
 
 # Errors the user can fix: printed as one line each, no traceback.
-USER_ERRORS = (ConfigError, DataError, LaunchError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, LaunchError, CheckpointError, FetchError)
 
 
 def main(argv: list[str] | None = None) -> None:

