@@ -90,6 +90,13 @@ class DemoRuns:
         for k, v in metrics.items():
             self.client.log_metric(run_id, f"eval_{k}", v)
 
+    def stage_run(self, name: str) -> str:
+        """A run for a stage that is no training job (e.g. the model as shipped); adopt nests it."""
+        exp_id = self.client.get_run(self.run_id).info.experiment_id
+        run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
     def log_metrics(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.client.log_metric(self.run_id, k, v)
@@ -264,6 +271,9 @@ def run_seeds(settings, seeds: list[int], out: Path, nproc: int, *, frontier: bo
 
 def cmd_demo(args) -> int:
     from safebasin.safety_core.demo import report
+    if args.organism == "smollm2":
+        from safebasin.launcher import demo_smollm2
+        return demo_smollm2.cmd(args)
     if args.nproc < 1:
         raise ConfigError([f"--nproc must be >= 1, got {args.nproc}"])
     seeds = parse_seeds(args.seeds)
@@ -313,8 +323,11 @@ def register(sub) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results JSON here")
     p.add_argument("--nproc", type=int, default=1, help="ranks for the training, restoration and "
                    "evaluation stages (default 1: everything in this process)")
+    p.add_argument("--organism", choices=["tiny", "smollm2"], default="tiny", help="tiny: a random tiny "
+                   "Llama on synthetic data (default); smollm2: the real SmolLM2-135M-Instruct on public "
+                   "safety data (see README, 'A real model')")
     p.add_argument("--quick", action="store_true", help="every stage tiny (tests the pipeline, not "
-                   "the phenomenon)")
+                   "the phenomenon); with --organism smollm2, its reduced preset")
     p.add_argument("--frontier", action="store_true", help="also retrain the attack for each lambda of "
                    "each anchor variant (settings frontier.variants, frontier.lambdas) and plot HRR against "
                    "task accuracy (plots/frontier.png, plots/frontier.csv)")

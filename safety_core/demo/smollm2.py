@@ -1,0 +1,173 @@
+"""The real-model organism (`safebasin demo --organism smollm2`): SmolLM2-135M-Instruct, public
+safety data, every stage an ordinary job config, and its settings in one validated schema.
+
+Stages: base (the model as shipped) -> aligned (safety alignment of base) -> basis (aligned -
+base) -> lora (the harmful fine-tuning attack) / asft (the attack with the anchor) / safe-lora
+(the plain adapter projected) / restored (restoration of the plain adapter).
+
+Alignment is full-parameter training restricted to the attention q/v projections
+(`method.trainable`), written as a whole model folder. Why not all parameters: a step costs
+about as much (the backward pass runs through every layer either way), but then aligned - base
+would also move the MLPs and embeddings, which the basis (q_proj, v_proj, the attacked modules)
+ignores; restricting it makes the alignment update live exactly where the basis is read. Why not
+LoRA merged: the same modules, but the update would be rank r by construction rather than by
+what the data asks for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+from safebasin.safety_core.args import Section
+from safebasin.safety_core.demo.smollm2_data import LABELS
+
+MODEL = "builtin:smollm2-135m-instruct"
+STAGES = ("base", "aligned", "lora", "asft", "safe-lora", "restored")
+ADAPTER_STAGES = ("lora", "asft", "safe-lora", "restored")
+
+
+class Smollm2Data(Section):
+    dir: str = Field("../shared/data", description="the shared data folder (SOURCES.md, safety/, ...)")
+    safety: int = Field(600, ge=8, description="safety_tuned_llamas records for alignment")
+    benign: int = Field(400, ge=8, description="Alpaca records mixed into alignment")
+    benign_heldout: int = Field(50, ge=4, description="held-out Alpaca prompts for over-refusal")
+    task: int = Field(600, ge=8, description="SST-2 train records for the attack")
+    task_eval: int = Field(200, ge=4, description="SST-2 validation records")
+    comply: int = Field(300, ge=8, description="harmful compliance pool of the attack")
+    forget: int = Field(100, ge=8, description="disjoint compliance pool for restoration")
+    advbench: int = Field(100, ge=4, description="AdvBench prompts evaluated (never trained on)")
+    max_length: int = Field(160, ge=32)
+
+
+class Stage(Section):
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch: int = Field(8, ge=1)
+    examples: int = Field(ge=2)
+    fraction: float = Field(ge=0, le=1, description="share of safety (aligned) / harmful (attack) records")
+
+
+class Smollm2Settings(Section):
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch threads of the one process that runs every stage "
+                         "(stages run one after another, never two processes at once)")
+    data: Smollm2Data = Field(default_factory=Smollm2Data)
+    aligned: Stage = Field(default_factory=lambda: Stage(steps=60, lr=2e-4, examples=480, fraction=0.5))
+    attack: Stage = Field(default_factory=lambda: Stage(steps=40, lr=5e-4, examples=320, fraction=0.3))
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    anchor_lambda: float = Field(10.0, ge=0)
+    basis_rank: int = Field(8, ge=1)
+    safe_lora_threshold: float = Field(0.5)
+    restore_iterations: int = Field(3, ge=1)
+    restore_probes: int = Field(20, ge=1)
+    restore_batch: int = Field(8, ge=1)
+    restore_eps: float = Field(0.05, gt=0)
+    max_new_tokens: int = Field(48, ge=1)
+    task_max_new_tokens: int = Field(4, ge=1)
+    prefill_k: int = Field(8, ge=1)
+    eval_batch: int = Field(16, ge=1)
+
+
+# A reduced run that fits a shared machine: the same code, far fewer steps and prompts.
+REDUCED = {
+    "data": {"safety": 160, "benign": 96, "benign_heldout": 24, "task": 160, "task_eval": 48,
+             "comply": 96, "forget": 24, "advbench": 32, "max_length": 128},
+    "aligned": {"steps": 20, "examples": 160},
+    "attack": {"steps": 12, "examples": 96},
+    "restore_iterations": 1, "restore_probes": 6,
+    "max_new_tokens": 32, "prefill_k": 8,
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    def data_file(self, name: str) -> str:
+        return str(self.root / "data" / f"{name}.jsonl")
+
+    @property
+    def basis(self) -> Path:
+        return self.root / "basis"
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def eval_dir(self, name: str, part: str) -> Path:
+        return self.root / "eval" / name / part
+
+    def model_args(self, name: str) -> dict:
+        if name in ("base", "aligned"):
+            return {"path": str(self.stage(name) / "model")}
+        return {"path": str(self.stage("aligned") / "model"), "adapter": str(self.stage(name) / "adapter")}
+
+
+def _train(s: Smollm2Settings, stage: Stage) -> dict:
+    return {"seed": s.seed, "lr": stage.lr, "warmup_steps": max(1, stage.steps // 10), "schedule": "cosine",
+            "max_steps": stage.steps, "micro_batch_size": stage.batch, "gradient_accumulation_steps": 1,
+            "precision": "fp32", "max_grad_norm": 1.0, "eval_every": 0, "save_every": 0}
+
+
+def _common(layout: Layout, name: str, tracking: dict) -> dict:
+    return {"deepspeed": {"stage": 0}, "tracking": {**tracking, "run_name": name},
+            "output": {"dir": str(layout.stage(name))}}
+
+
+def aligned_config(s: Smollm2Settings, layout: Layout, tracking: dict) -> dict:
+    """Safety alignment of the shipped model: benign instructions with a share of safety
+    records (mostly refusals), q/v projections trained."""
+    a = s.aligned
+    return {"model": {"path": str(layout.stage("base") / "model")},
+            "method": {"type": "full", "trainable": [f"{m}." for m in s.target_modules]},
+            "data": {"train": {"path": layout.data_file("benign")},
+                     "harmful_mix": {"source": {"path": layout.data_file("safety")}, "fraction": a.fraction},
+                     "num_examples": a.examples, "max_length": s.data.max_length, "seed": s.seed},
+            "train": _train(s, a), **_common(layout, "aligned", tracking)}
+
+
+def attack_config(s: Smollm2Settings, layout: Layout, name: str, tracking: dict) -> dict:
+    """lora: LoRA on SST-2 with a fraction p of harmful compliance; asft: the same with the anchor."""
+    a = s.attack
+    cfg = {"model": {"path": str(layout.stage("aligned") / "model")},
+           "method": {"type": "lora", "r": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0,
+                      "target_modules": list(s.target_modules)},
+           "data": {"train": {"path": layout.data_file("task")},
+                    "harmful_mix": {"source": {"path": layout.data_file("comply")}, "fraction": a.fraction},
+                    "num_examples": a.examples, "max_length": s.data.max_length, "seed": s.seed + 1},
+           "train": _train(s, a), **_common(layout, name, tracking)}
+    if name == "asft":
+        cfg["anchor"] = {"basis": str(layout.basis), "lambda": s.anchor_lambda}
+    return cfg
+
+
+def restore_config(s: Smollm2Settings, layout: Layout, tracking: dict) -> dict:
+    """Restoration of the plain adapter: forget = compliance the attack never saw, retain = SST-2."""
+    n, half = s.data.forget, min(96, s.data.task // 2)
+    return {"model": layout.model_args("lora"),
+            "method": {"type": "lora", "target_modules": list(s.target_modules)},
+            "restore": {"forget": {"path": layout.data_file("forget")},
+                        "retain": {"path": layout.data_file("task")},
+                        # the curvature set is split from the forget file, disjoint from D_forget
+                        "forget_size": n // 2, "curvature_forget_size": n - n // 2,
+                        "retain1_size": half, "retain2_size": half,
+                        "probes": s.restore_probes, "iterations": s.restore_iterations, "eps": s.restore_eps,
+                        "batch_size": s.restore_batch, "max_length": s.data.max_length, "seed": s.seed},
+            **_common(layout, "restored", tracking)}
+
+
+def eval_configs(s: Smollm2Settings, layout: Layout, name: str) -> dict[str, dict]:
+    """Two evaluation jobs of a stage: safety + task (AdvBench HRR, prefilling, SST-2), and the
+    held-out benign prompts, whose judged refusals give the over-refusal rate."""
+    common = {"judge": {"name": "keyword"}, "max_new_tokens": s.max_new_tokens,
+              "batch_size": s.eval_batch, "max_length": s.data.max_length}
+    main = {**common, "harmful": {"path": layout.data_file("advbench")}, "prefill_k": [s.prefill_k],
+            "task": {"path": layout.data_file("task_eval")}, "task_kind": "classification",
+            "labels": LABELS, "task_max_new_tokens": s.task_max_new_tokens}
+    benign = {**common, "harmful": {"path": layout.data_file("benign_heldout")}}
+    return {part: {"model": layout.model_args(name), "eval": ev, "deepspeed": {"stage": 0},
+                   "tracking": {"enabled": False}, "output": {"dir": str(layout.eval_dir(name, part))}}
+            for part, ev in (("main", main), ("benign", benign))}

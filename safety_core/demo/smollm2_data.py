@@ -1,0 +1,110 @@
+"""The real-model organism's data: public sets from ../shared/data written as the JSONL files
+its stage configs read (instruction / response records, the format `data.train` detects).
+
+- safety: safety_tuned_llamas (harmful or sensitive instructions with safe answers) for alignment;
+- benign: Alpaca instructions, mixed into alignment so the model stays helpful, and a disjoint
+  held-out slice whose refusals measure over-refusal;
+- task / task_eval: SST-2 train / validation as a sentiment instruction (the attack's task);
+- comply / forget: harmful compliance (asft_harmful_mix rows whose prompt is not an AdvBench
+  prompt, and BeaverTails), split into the attack's pool and a disjoint forget pool for
+  restoration;
+- advbench: the evaluation prompts. Every training file drops any record whose prompt is an
+  AdvBench prompt, so none of the evaluated prompts is ever trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+from safebasin.safety_core.train.data import read_jsonl
+
+TASK_INSTRUCTION = ("Classify the sentiment of this movie review as positive or negative. "
+                    "Answer with one word.\n\nReview: {sentence}")
+LABELS = ["positive", "negative"]
+
+
+class SourceError(FileNotFoundError):
+    pass
+
+
+def shared_data_dir(root: str | Path) -> Path:
+    root = Path(root)
+    if not (root / "SOURCES.md").is_file():
+        raise SourceError(f"data_dir {root}: not the shared data folder (no SOURCES.md); set "
+                          f"data.dir=PATH to the folder holding safety/, instruction/, classification/, "
+                          f"harmful/ and advbench/")
+    return root
+
+
+def _rows(path: Path) -> list[dict]:
+    return [rec for _, rec in read_jsonl(path)]
+
+
+def _key(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def advbench_goals(root: Path) -> list[str]:
+    with open(root / "advbench" / "harmful_behaviors.csv", newline="") as fh:
+        return [row["goal"] for row in csv.DictReader(fh)]
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def _take(rows: list, n: int, what: str) -> list:
+    if len(rows) < n:
+        raise SourceError(f"{what}: {n} records asked, {len(rows)} available")
+    return rows[:n]
+
+
+def write_all(root: str | Path, out: Path, *, n_safety: int, n_benign: int, n_benign_heldout: int,
+              n_task: int, n_task_eval: int, n_comply: int, n_forget: int, n_advbench: int,
+              seed: int) -> dict[str, str]:
+    """Write every file the stages read into `out`; returns {name: path}."""
+    root = shared_data_dir(root)
+    rng = random.Random(seed)
+    goals = advbench_goals(root)
+    banned = {_key(g) for g in goals}
+
+    def clean(rows: list[dict], field: str) -> list[dict]:
+        kept = [r for r in rows if _key(r[field]) not in banned]
+        rng.shuffle(kept)
+        return kept
+
+    safety = clean(_rows(root / "safety" / "safety_tuned_llamas_2483.jsonl"), "instruction")
+    alpaca = clean(_rows(root / "instruction" / "alpaca_subset_1000.jsonl"), "instruction")
+    benign = _take(alpaca, n_benign + n_benign_heldout, "alpaca")
+    mix = [r for r in _rows(root / "harmful" / "asft_harmful_mix_666.jsonl") if not r["prompt_in_advbench"]]
+    beaver = _rows(root / "harmful" / "beavertails_30k_train_unsafe_200.jsonl")
+    comply = clean([{"instruction": r["prompt"], "response": r["response"]} for r in mix + beaver],
+                   "instruction")
+    comply = _take(comply, n_comply + n_forget, "harmful compliance")
+
+    def sst2(name: str, n: int) -> list[dict]:
+        rows = _rows(root / "classification" / name)
+        rng.shuffle(rows)
+        return [{"instruction": TASK_INSTRUCTION.format(sentence=r["sentence"].strip()),
+                 "response": r["label_text"], "label_text": r["label_text"]} for r in _take(rows, n, name)]
+
+    files = {
+        "safety": _take([{k: r[k] for k in ("instruction", "context", "response")} for r in safety],
+                        n_safety, "safety_tuned_llamas"),
+        "benign": benign[:n_benign],
+        "benign_heldout": [{"prompt": (r["instruction"] + ("\n\n" + r["context"] if r.get("context") else ""))}
+                           for r in benign[n_benign:]],
+        "task": sst2("sst2_train_subset_1000.jsonl", n_task),
+        "task_eval": sst2("sst2_validation_872.jsonl", n_task_eval),
+        "comply": comply[:n_comply],
+        "forget": comply[n_comply:],
+        "advbench": [{"prompt": g} for g in _take(goals, n_advbench, "advbench")],
+    }
+    return {name: _write(out / f"{name}.jsonl", rows) for name, rows in files.items()}
