@@ -55,7 +55,7 @@ class Smollm2Settings(Section):
                          "(stages run one after another, never two processes at once)")
     data: Smollm2Data = Field(default_factory=Smollm2Data)
     aligned: Stage = Field(default_factory=lambda: Stage(steps=60, lr=2e-4, examples=480, fraction=0.5))
-    attack: Stage = Field(default_factory=lambda: Stage(steps=40, lr=5e-4, examples=320, fraction=0.3))
+    attack: Stage = Field(default_factory=lambda: Stage(steps=40, lr=1e-3, examples=320, fraction=0.3))
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -74,9 +74,9 @@ class Smollm2Settings(Section):
 
 # A reduced run that fits a shared machine: the same code, far fewer steps and prompts.
 REDUCED = {
-    "data": {"safety": 160, "benign": 96, "benign_heldout": 24, "task": 160, "task_eval": 48,
+    "data": {"safety": 192, "benign": 96, "benign_heldout": 24, "task": 96, "task_eval": 48,
              "comply": 96, "forget": 24, "advbench": 32, "max_length": 128},
-    "aligned": {"steps": 20, "examples": 160},
+    "aligned": {"steps": 24, "examples": 192},
     "attack": {"steps": 12, "examples": 96},
     "restore_iterations": 1, "restore_probes": 6,
     "max_new_tokens": 32, "prefill_k": 8,

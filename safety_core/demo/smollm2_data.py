@@ -47,9 +47,10 @@ def _key(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def advbench_goals(root: Path) -> list[str]:
+def advbench(root: Path) -> list[dict]:
+    """AdvBench's goals with their targets (the prefilling attack forces the target's tokens)."""
     with open(root / "advbench" / "harmful_behaviors.csv", newline="") as fh:
-        return [row["goal"] for row in csv.DictReader(fh)]
+        return [{"prompt": row["goal"], "target": row["target"]} for row in csv.DictReader(fh)]
 
 
 def _write(path: Path, rows: list[dict]) -> str:
@@ -72,8 +73,8 @@ def write_all(root: str | Path, out: Path, *, n_safety: int, n_benign: int, n_be
     """Write every file the stages read into `out`; returns {name: path}."""
     root = shared_data_dir(root)
     rng = random.Random(seed)
-    goals = advbench_goals(root)
-    banned = {_key(g) for g in goals}
+    goals = advbench(root)
+    banned = {_key(g["prompt"]) for g in goals}
 
     def clean(rows: list[dict], field: str) -> list[dict]:
         kept = [r for r in rows if _key(r[field]) not in banned]
@@ -105,6 +106,6 @@ def write_all(root: str | Path, out: Path, *, n_safety: int, n_benign: int, n_be
         "task_eval": sst2("sst2_validation_872.jsonl", n_task_eval),
         "comply": comply[:n_comply],
         "forget": comply[n_comply:],
-        "advbench": [{"prompt": g} for g in _take(goals, n_advbench, "advbench")],
+        "advbench": _take(goals, n_advbench, "advbench"),
     }
     return {name: _write(out / f"{name}.jsonl", rows) for name, rows in files.items()}
