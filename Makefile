@@ -25,7 +25,7 @@ test: setup
 	$(PY) -m pytest -q -ra
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not multiproc"
+	$(PY) -m pytest -q -ra -m "not multiproc and not realmodel"
 
 bench: setup
 	$(PY) benchmarks/kernels.py

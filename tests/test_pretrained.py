@@ -35,6 +35,28 @@ def test_half_written_cache_is_not_taken_as_good(tmp_path):
     assert not pretrained.is_complete(out, SMOLLM2)
 
 
+def test_a_second_process_waits_for_the_conversion_and_reuses_it(tmp_path):
+    """While another process holds the lock, fetch waits; then it takes the folder that process
+    completed and converts nothing (the bogus GGUF it was given would fail the sha256 check)."""
+    import fcntl
+    import threading
+    out = tmp_path / "m"
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf")
+    result = {}
+    with open(tmp_path / "m.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: result.update(path=pretrained.fetch(SMOLLM2, out, gguf=bogus,
+                                                                                     log=lambda m: None)))
+        waiter.start()
+        waiter.join(timeout=1.5)
+        assert waiter.is_alive()  # blocked on the lock
+        _fake_complete_folder(out)  # what the other process writes before letting go
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(timeout=30)
+    assert result["path"] == out.resolve()
+
+
 def test_wrong_gguf_is_refused_and_leaves_no_folder(tmp_path):
     bogus = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     bogus.write_bytes(b"GGUF" + os.urandom(64))
