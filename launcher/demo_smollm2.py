@@ -85,7 +85,7 @@ def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) ->
                                          layout.basis, modules=list(s.target_modules), variant="safelora",
                                          rank=s.basis_rank, device="cpu"))
     for name in ("lora", "asft"):
-        summary = timed(name, lambda: job("train", smollm2.attack_config(s, layout, name, tracking)))
+        summary = timed(name, lambda name=name: job("train", smollm2.attack_config(s, layout, name, tracking)))
         evaluate(name, summary["mlflow_run_id"])
     timed("safe-lora", lambda: project_adapter(layout.stage("lora") / "adapter", layout.basis,
                                                layout.stage("safe-lora") / "adapter",
@@ -159,6 +159,7 @@ def cmd(args) -> int:
     print(report.check_lines(result["checks"]))
     for seed, secs in result["stage_seconds"].items():
         print(f"seconds per stage, seed {seed}: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
-    print(f"\nsafebasin demo --organism smollm2: {'every target met' if result['targets_met'] else 'NOT every target met'}"
-          f"; {result['wall_seconds']:.0f} s; results: {(out / 'results.json').resolve()}")
+    verdict = "every target met" if result["targets_met"] else "NOT every target met"
+    print(f"\nsafebasin demo --organism smollm2: {verdict}; {result['wall_seconds']:.0f} s; "
+          f"results: {(out / 'results.json').resolve()}")
     return 3 if args.check and not result["targets_met"] else 0

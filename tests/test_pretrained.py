@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import safebasin_cli
 from safebasin.safety_core.train import pretrained
-from safebasin.safety_core.train.pretrained import SMOLLM2, FetchError
+from safebasin.safety_core.train.pretrained import SMOLLM2
 
 NAME = f"{SMOLLM2.name}-fp32"
 

