@@ -143,8 +143,12 @@ def run(settings, seeds: list[int], out: Path, log=print) -> dict:
 
 
 def cmd(args) -> int:
+    from safebasin.launcher.config import ConfigError
     from safebasin.launcher.demo import parse_seeds, prepare_folder
     from safebasin.safety_core.demo import report, smollm2_report
+    if args.nproc != 1:
+        raise ConfigError([f"--nproc {args.nproc}: --organism smollm2 runs its stages one after another "
+                           "in this process (threads=N sets its torch threads)"])
     settings = load_settings(args.quick, args.overrides)
     seeds = parse_seeds(args.seeds) or [settings.seed]
     out = prepare_folder(Path(args.out), args.overwrite)
