@@ -74,9 +74,11 @@ def local_value(value: str, kind: str) -> str:
 def folder_problem(key: str, value: str, kind: str, revision: str | None = None) -> str | None:
     """A model or adapter folder: there and holding weights; a hub id: in the cache when offline."""
     if kind == "model" and value.startswith("builtin:"):
+        from safebasin.safety_core.train.pretrained import MODELS
         from safebasin.safety_core.train.tiny import BUILTIN_TINY
-        return None if value == BUILTIN_TINY else f"{key}: unknown built-in model {value!r}; the built-in " \
-                                                  f"model is {BUILTIN_TINY}"
+        known = [BUILTIN_TINY] + [f"builtin:{name}" for name in sorted(MODELS)]
+        return None if value in known else f"{key}: unknown built-in model {value!r}; the built-in " \
+                                           f"models are {', '.join(known)}"
     config_name, weights = ("config.json", MODEL_WEIGHTS) if kind == "model" else \
         ("adapter_config.json", ADAPTER_WEIGHTS)
     path = Path(os.path.expanduser(value))
