@@ -333,8 +333,10 @@ def test_slurm_script_and_step_layout(job, tmp_path, monkeypatch):
     exe = text.split("safebasin-node ", 1)[1].split(" ", 1)[0]
     runnable = tmp_path / "run.sh"
     runnable.write_text(text.replace(exe, str(fake / "safebasin")))
+    # A fresh allocation: no rendezvous variables left by jobs this test process ran in-process.
+    clean = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
     out = subprocess.run(["bash", str(runnable)], capture_output=True, text=True,
-                         env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "1234",
+                         env={**clean, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "1234",
                               "SLURM_JOB_NODELIST": "n[01-02]", "SLURM_NNODES": "2"})
     assert out.returncode == 0, out.stderr
     tasks, argv = [], []
