@@ -5,6 +5,9 @@ Each stage is an ordinary job (the configs safety_core.demo.organism writes) sta
 the same launch machinery as `safebasin train`; the basis extraction, the landscapes and the
 report run in this process. MLflow: one parent run for the demo, and each stage's own run (the
 training or restoration job's) nested under it and given the stage's evaluation metrics.
+
+(Over 300 lines: one seed, several seeds and the lambda frontier share the stage runner and the
+MLflow parent run defined here; the organism itself lives in safety_core/demo/.)
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ ZeRO-3. Where the trainable parameters are whole on every rank (ZeRO 0-2) the pe
 through autograd; under ZeRO-3 they are partitioned, so its gradient is added to each rank's
 gradient partition after the last backward of the step and before clipping and the optimizer
 step, through DeepSpeed's tensor-fragment API.
+
+(Just over 300 lines: the autograd path and the ZeRO-3 path of the same penalty stay side by
+side so that they are read, and changed, together.)
 """
 
 from __future__ import annotations

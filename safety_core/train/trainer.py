@@ -5,6 +5,9 @@ Extension point: `Regularizer` objects (the safety anchor is one). `loss(model)`
 every micro-batch loss (autograd path, replicated parameters); `before_step(engine)` runs once
 per optimizer step after the last backward and before the optimizer step and clipping, where
 a regularizer may add to the (possibly ZeRO-3 partitioned) gradients directly.
+
+(Over 300 lines: the loop is kept in one function so it reads top to bottom; what sits beside
+it here, checkpoint saving and the resume checks, shares the loop's step and world-size state.)
 """
 
 from __future__ import annotations
