@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -112,7 +113,10 @@ class Contender:
     def __call__(self, root: Path, record: bool, memory: bool = False):
         self.n += 1
         d = root / f"{self.name}.{self.n}"
-        d.mkdir(parents=True, exist_ok=True)
+        # A run folder of this benchmark's own from an earlier invocation: safebasin refuses to
+        # run over a finished result, so every run starts from an empty folder.
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
         wall, mem = run_process(self.make_cmd(d), d / "log.txt", memory)
         r, extra = self.read(d)
         if record:

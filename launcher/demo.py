@@ -100,6 +100,16 @@ class DemoRuns:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
+    def record(self, result: dict, results_file: Path, pngs, verdict: str) -> None:
+        """The demo's outcome on the parent run: every stage's numbers, the wall time, the
+        verdict flag (result[verdict]), the plots and the results file."""
+        self.log_metrics({f"{stage}.{m}": v for stage, row in result["stages"].items() for m, v in row.items()
+                          if v is not None})
+        self.log_metrics({"wall_seconds": result["wall_seconds"], verdict: float(result[verdict])})
+        for png in pngs:
+            self.log_artifact(Path(png), "plots")
+        self.log_artifact(results_file)
+
     def log_metrics(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.client.log_metric(self.run_id, k, v)
@@ -217,13 +227,8 @@ def run_demo(settings, out: Path, nproc: int, *, frontier: bool = False, log=pri
         }
         result["wall_seconds"] = time.perf_counter() - t_start
         path = report.write_json(result, out / "results.json")
-        runs.log_metrics({f"{stage}.{m}": v for stage, row in stages.items() for m, v in row.items()
-                          if v is not None})
-        runs.log_metrics({"wall_seconds": result["wall_seconds"],
-                          "phenomenon_shown": float(result["phenomenon_shown"])})
-        for png in [*files.values(), *(r["files"]["png"] for r in scapes.values()), *frontier_files.values()]:
-            runs.log_artifact(Path(png), "plots")
-        runs.log_artifact(path)
+        runs.record(result, path, [*files.values(), *(r["files"]["png"] for r in scapes.values()),
+                                   *frontier_files.values()], "phenomenon_shown")
     except BaseException:
         runs.end("FAILED")
         raise

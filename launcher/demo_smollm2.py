@@ -130,11 +130,7 @@ def run(settings, seeds: list[int], out: Path, log=print) -> dict:
         }
         result["wall_seconds"] = time.perf_counter() - t_start
         path = report.write_json(result, out / "results.json")
-        runs.log_metrics({f"{st}.{m}": v for st, row in stages.items() for m, v in row.items() if v is not None})
-        runs.log_metrics({"wall_seconds": result["wall_seconds"], "targets_met": float(result["targets_met"])})
-        for png in result["plots"].values():
-            runs.log_artifact(Path(png), "plots")
-        runs.log_artifact(path)
+        runs.record(result, path, result["plots"].values(), "targets_met")
     except BaseException:
         runs.end("FAILED")
         raise

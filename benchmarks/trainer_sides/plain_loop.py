@@ -16,6 +16,7 @@ torch.set_num_threads(spec["threads"])
 from peft import LoraConfig, get_peft_model  # noqa: E402
 import math  # noqa: E402
 
+from padding import pad_batch  # noqa: E402  (this folder is the script's sys.path[0])
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 torch.manual_seed(spec["seed"])
@@ -38,14 +39,7 @@ pad = spec["pad_id"]
 
 
 def collate(examples):
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return pad_batch(examples, pad)
 
 
 model.train()
