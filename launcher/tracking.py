@@ -1,10 +1,16 @@
 """MLflow tracking: one run per job, opened by global rank 0 only, reattached on resume.
 
-Everything MLflow does happens on one background thread, off the training step's critical
-path: opening the store and the run (seconds for a fresh SQLite store) overlaps model loading,
-and metrics are queued and written in batches (one `log_batch` per drain, not one SQLite
-transaction per metric per step). `end()` drains the queue before it closes the run, so no
-row is lost; an error in the thread is raised there (or when `run_id` is read), never dropped.
+Everything MLflow does happens in a writer off the job's critical path: opening the store and
+the run (seconds for a fresh SQLite store) overlaps model loading, and metrics are queued and
+written in batches (one `log_batch` per drain, not one SQLite transaction per metric per step).
+`end()` drains the queue before it closes the run, so no row is lost; an error in the writer is
+raised there (or when `run_id` is read), never dropped.
+
+Where the writer runs: a process of its own (`python -m safebasin.launcher.tracking`), unless
+this process has already imported mlflow (a test, the demo), in which case a thread. Why a
+process: importing mlflow and opening its store is ~2 s of pure-Python work that, on a thread,
+holds the GIL against the job's own imports and model loading (measured: a thread overlapped
+almost none of it); a process does it on another core, and the job never imports mlflow.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 import json
 import math
 import queue
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 RUN_FILE = "mlflow_run.json"
 # How long the writer waits for more rows before writing what it has: at most one batch per
@@ -24,33 +32,40 @@ BATCH_INTERVAL_S = 0.5
 MAX_BATCH = 1000  # MLflow caps a log_batch at 1000 metrics
 
 
+class TrackingError(RuntimeError):
+    pass
+
+
 class Tracker:
     """Rank 0 gets a live MLflow run; other ranks get an inert tracker so callers never branch."""
 
     def __init__(self, config, out_dir: str | Path, *, active: bool, parent_run_id: str | None = None,
-                 default_run_name: str | None = None, reattach: bool = False):
+                 default_run_name: str | None = None, reattach: bool = False, writer: str | None = None):
         """`default_run_name` names the run when tracking.run_name is not set; `reattach`: a
-        resumed job continues the run its output folder records."""
+        resumed job continues the run its output folder records; `writer`: "process" or
+        "thread" (default: see the module docstring)."""
         self.active = active and config.tracking.enabled
-        self.out_dir = Path(out_dir)
         self._run_id: str | None = None
-        self._ready: threading.Event | None = None
-        self._error: BaseException | None = None
+        self._opened = False
+        self._error: str | None = None
         if not self.active:
             return
-        self._ready = threading.Event()
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._work, args=(config, parent_run_id, default_run_name, reattach),
-                                        name="safebasin-mlflow", daemon=True)
-        self._thread.start()
+        from safebasin.launcher.config import flatten
+        spec = {"uri": config.tracking.resolved_uri(), "experiment": config.tracking.experiment,
+                "run_name": config.tracking.run_name or default_run_name, "parent_run_id": parent_run_id,
+                "reattach": reattach, "out_dir": str(out_dir),
+                "params": {k: ("" if v is None else str(v))[:6000]
+                           for k, v in flatten(config.model_dump(mode="json", by_alias=True)).items()}}
+        writer = writer or ("thread" if "mlflow" in sys.modules else "process")
+        self._channel = _ThreadChannel(spec) if writer == "thread" else _ProcessChannel(spec)
 
     # -- the caller's side ------------------------------------------------------------------
 
     @property
     def run_id(self) -> str | None:
-        if self._ready is None:
-            return None
-        self._ready.wait()
+        if not self.active and not self._opened:
+            return self._run_id
+        self._await_open()
         self._raise_error()
         return self._run_id
 
@@ -61,27 +76,27 @@ class Tracker:
                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
                  and math.isfinite(float(v))}
         if clean:
-            self._queue.put(("metrics", clean, step, int(time.time() * 1000)))
+            self._channel.send({"kind": "metrics", "row": clean, "step": step, "ts": int(time.time() * 1000)})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active and Path(path).exists():
-            self._queue.put(("artifact", str(path), artifact_path, None))
+            self._channel.send({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def flush(self) -> None:
         """Wait until everything queued so far is written."""
         if self.active:
-            done = threading.Event()
-            self._queue.put(("flush", done, None, None))
-            while not done.wait(0.1):
-                if not self._thread.is_alive():
-                    break
+            self._await_open()
+            self._channel.send({"kind": "flush"})
+            self._await("flushed")
             self._raise_error()
 
     def end(self, status: str = "FINISHED") -> None:
         if not self.active:
             return
-        self._queue.put(("end", status, None, None))
-        self._thread.join()
+        self._await_open()
+        self._channel.send({"kind": "end", "status": status})
+        self._await("ended")
+        self._channel.close()
         self.active = False
         if status == "FINISHED":
             self._raise_error()
@@ -89,113 +104,212 @@ class Tracker:
             # The job already failed: its own error is the one to raise, this one is reported.
             print(f"[safebasin] MLflow tracking also failed: {self._error}", file=sys.stderr)
 
+    def _await_open(self) -> None:
+        if not self._opened:
+            self._opened = True
+            reply = self._channel.receive()
+            self._run_id = reply.get("run_id")
+            self._error = self._error or reply.get("error")
+
+    def _await(self, kind: str) -> None:
+        while True:
+            reply = self._channel.receive()
+            self._error = self._error or reply.get("error")
+            if reply.get("kind") == kind or reply.get("_lost"):
+                return
+
     def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
-            raise RuntimeError(f"MLflow tracking failed: {error}") from error
+            raise TrackingError(f"MLflow tracking failed: {error}")
 
-    # -- the writer thread ------------------------------------------------------------------
 
-    def _work(self, config, parent_run_id: str | None, default_run_name: str | None, reattach: bool) -> None:
-        try:
-            self._open(config, parent_run_id, default_run_name, reattach)
-        except BaseException as e:  # handed to the caller at run_id / end()
-            self._error = e
-            self._ready.set()
-            self._drain_after_error()
+# -- the transports: the same writer behind a thread or a process ------------------------------
+
+class _ThreadChannel:
+    def __init__(self, spec: dict):
+        self._inbox: queue.Queue = queue.Queue()
+        self._replies: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=_Writer(spec, self._replies.put).run, args=(self._inbox.get,),
+                                        name="safebasin-mlflow", daemon=True)
+        self._thread.start()
+
+    def send(self, message: dict) -> None:
+        self._inbox.put(message)
+
+    def receive(self) -> dict:
+        return self._replies.get()
+
+    def close(self) -> None:
+        self._thread.join()
+
+
+class _ProcessChannel:
+    """JSON lines both ways: messages on the writer's stdin, replies (open, flush, end) on its
+    stdout. The writer closes the run as KILLED if this process dies without `end`."""
+
+    def __init__(self, spec: dict):
+        self._proc = subprocess.Popen([sys.executable, "-m", "safebasin.launcher.tracking"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._lost: str | None = None
+        self.send(spec)
+
+    def send(self, message: dict) -> None:
+        if self._lost is not None:
             return
-        self._ready.set()
+        try:
+            self._proc.stdin.write(json.dumps(message) + "\n")
+        except BrokenPipeError:
+            self._lost = f"the MLflow writer process exited (status {self._proc.wait()})"
+
+    def receive(self) -> dict:
+        line = "" if self._lost else self._proc.stdout.readline()
+        if not line:
+            self._lost = self._lost or f"the MLflow writer process exited (status {self._proc.wait()})"
+            return {"kind": "lost", "error": self._lost, "_lost": True}
+        return json.loads(line)
+
+    def close(self) -> None:
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            try:
+                pipe.close()
+            except BrokenPipeError:
+                pass
+        self._proc.wait()
+
+
+class _Writer:
+    """Opens the run, then writes what arrives: metrics in batches, artifacts, flush and end."""
+
+    def __init__(self, spec: dict, reply: Callable[[dict], None]):
+        self.spec, self.reply = spec, reply
+
+    def run(self, next_message: Callable[[], dict]) -> None:
+        try:
+            run_id = self._open()
+        except Exception as e:  # handed to the caller at run_id / flush / end, never dropped
+            self.reply({"kind": "open", "error": f"{type(e).__name__}: {e}"})
+            return self._drain(next_message, None)
+        self.reply({"kind": "open", "run_id": run_id})
         while True:
-            items = [self._queue.get()]
+            items = [next_message()]
             deadline = time.monotonic() + BATCH_INTERVAL_S
             # Gather what arrives within the interval, unless someone waits on a flush or end.
-            while items[-1][0] == "metrics":
+            while items[-1]["kind"] == "metrics":
                 try:
-                    items.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    items.append(next_message(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+            self._handled = 0
             try:
-                finished = self._write(items)
-            except BaseException as e:
-                self._error = e
-                self._drain_after_error()
-                return
-            if finished:
-                return
+                if self._write(items):
+                    return
+            except Exception as e:
+                return self._drain(next_message, f"{type(e).__name__}: {e}", items[self._handled:])
 
-    def _drain_after_error(self) -> None:
-        """Keep answering flush/end so the caller never waits forever on a dead writer."""
+    def _drain(self, next_message, error: str | None, pending: list[dict] = ()) -> None:
+        """After an error: keep answering flush/end so the caller never waits forever."""
+        pending = list(pending)
         while True:
-            kind, value, _, _ = self._queue.get()
-            if kind == "flush":
-                value.set()
-            elif kind == "end":
+            message = pending.pop(0) if pending else next_message()
+            if message["kind"] == "flush":
+                self.reply({"kind": "flushed", "error": error})
+            elif message["kind"] == "end":
+                self.reply({"kind": "ended", "error": error})
                 return
 
-    def _write(self, items: list) -> bool:
+    def _write(self, items: list[dict]) -> bool:
         from mlflow.entities import Metric
-        metrics = [Metric(k, v, ts, step or 0) for kind, row, step, ts in items if kind == "metrics"
-                   for k, v in row.items()]
+        metrics = [Metric(k, v, m["ts"], m["step"] or 0) for m in items if m["kind"] == "metrics"
+                   for k, v in m["row"].items()]
         for i in range(0, len(metrics), MAX_BATCH):
-            self._client.log_batch(self._run_id, metrics=metrics[i:i + MAX_BATCH])
-        for kind, value, extra, _ in items:
-            if kind == "artifact":
-                if Path(value).is_dir():
-                    self._client.log_artifacts(self._run_id, value, extra)
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_BATCH])
+        for m in items:
+            if m["kind"] == "artifact":
+                if Path(m["path"]).is_dir():
+                    self.client.log_artifacts(self.run_id, m["path"], m["artifact_path"])
                 else:
-                    self._client.log_artifact(self._run_id, value, extra)
-            elif kind == "flush":
-                value.set()
-            elif kind == "end":
-                self._client.set_terminated(self._run_id, status=value)
+                    self.client.log_artifact(self.run_id, m["path"], m["artifact_path"])
+            elif m["kind"] == "flush":
+                self.reply({"kind": "flushed"})
+            elif m["kind"] == "end":
+                self.client.set_terminated(self.run_id, status=m["status"])
+                self.reply({"kind": "ended"})
                 return True
+            self._handled += 1  # a failure leaves this item and the rest to _drain
         return False
 
-    def _open(self, config, parent_run_id: str | None, default_run_name: str | None, reattach: bool) -> None:
+    def _open(self) -> str:
         import mlflow
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
-        mlflow.set_tracking_uri(config.tracking.resolved_uri())
-        self._client = client = MlflowClient()
-        experiment = mlflow.set_experiment(config.tracking.experiment)
-        run_file = self.out_dir / RUN_FILE
+        spec = self.spec
+        mlflow.set_tracking_uri(spec["uri"])
+        self.client = client = MlflowClient()
+        experiment = mlflow.set_experiment(spec["experiment"])
+        run_file = Path(spec["out_dir"]) / RUN_FILE
         # Only a resumed job continues the folder's run: any other job gets a run of its own, so
         # two jobs' metrics never mix in one run.
-        previous = self._previous_run(run_file, client) if reattach else None
+        previous = _previous_run(run_file, client) if spec["reattach"] else None
         if previous is not None:
-            self._run_id = previous
+            self.run_id = previous
             client.update_run(previous, status="RUNNING")
-            return
-        from mlflow.entities import Param
-        from safebasin.launcher.config import flatten
-        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-        run = client.create_run(experiment.experiment_id, run_name=config.tracking.run_name or default_run_name,
-                                 tags=tags)
-        self._run_id = run.info.run_id
-        params = [Param(k, ("" if v is None else str(v))[:6000])
-                  for k, v in flatten(config.model_dump(mode="json", by_alias=True)).items()]
+            return previous
+        tags = {"mlflow.parentRunId": spec["parent_run_id"]} if spec["parent_run_id"] else {}
+        self.run_id = client.create_run(experiment.experiment_id, run_name=spec["run_name"], tags=tags).info.run_id
+        params = [Param(k, v) for k, v in spec["params"].items()]
         for i in range(0, len(params), 100):  # MLflow caps a params batch at 100 entries
-            client.log_batch(self._run_id, params=params[i:i + 100])
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps({"run_id": self._run_id, "tracking_uri": mlflow.get_tracking_uri(),
-                                        "experiment": config.tracking.experiment}))
+            client.log_batch(self.run_id, params=params[i:i + 100])
+        run_file.parent.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": mlflow.get_tracking_uri(),
+                                        "experiment": spec["experiment"]}))
+        return self.run_id
 
-    @staticmethod
-    def _previous_run(run_file: Path, client) -> str | None:
-        """The run this output folder's job logged to, when it is in the current store: a
-        resumed job continues it. One recorded in another store (the URI changed, or
-        the database was removed) cannot be reattached; the job then gets a new run."""
-        if not run_file.exists():
-            return None
-        import mlflow
-        from mlflow.exceptions import MlflowException
-        recorded = json.loads(run_file.read_text())
-        current = mlflow.get_tracking_uri()
-        if recorded.get("tracking_uri") == current:
-            try:
-                client.get_run(recorded["run_id"])
-                return recorded["run_id"]
-            except MlflowException:
-                pass  # reported below
-        print(f"[safebasin] MLflow run {recorded['run_id']} recorded in {run_file} is not in the store "
-              f"{current}; starting a new run")
+
+def _previous_run(run_file: Path, client) -> str | None:
+    """The run this output folder's job logged to, when it is in the current store: a resumed
+    job continues it. One recorded in another store (the URI changed, or the database was
+    removed) cannot be reattached; the job then gets a new run."""
+    if not run_file.exists():
         return None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    recorded = json.loads(run_file.read_text())
+    current = mlflow.get_tracking_uri()
+    if recorded.get("tracking_uri") == current:
+        try:
+            client.get_run(recorded["run_id"])
+            return recorded["run_id"]
+        except MlflowException:
+            pass  # reported below
+    print(f"[safebasin] MLflow run {recorded['run_id']} recorded in {run_file} is not in the store "
+          f"{current}; starting a new run", file=sys.stderr)
+    return None
+
+
+def _writer_process() -> None:
+    """The writer process: the spec on the first stdin line, then messages; replies on stdout.
+    End of input without `end` (the job died) closes the run as KILLED."""
+    inbox: queue.Queue = queue.Queue()
+    out = sys.stdout
+    sys.stdout = sys.stderr  # anything MLflow prints must not corrupt the reply stream
+
+    def read() -> None:
+        for line in sys.stdin:
+            inbox.put(json.loads(line))
+        inbox.put({"kind": "end", "status": "KILLED"})
+
+    def reply(message: dict) -> None:
+        try:
+            out.write(json.dumps(message) + "\n")
+            out.flush()
+        except BrokenPipeError:
+            pass  # the job is gone; the run is still closed
+
+    spec = json.loads(sys.stdin.readline())
+    threading.Thread(target=read, daemon=True).start()
+    _Writer(spec, reply).run(lambda timeout=None: inbox.get(timeout=timeout))
+
+
+if __name__ == "__main__":
+    _writer_process()

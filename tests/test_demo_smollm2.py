@@ -45,3 +45,64 @@ def test_settings_overrides_and_bad_keys():
     assert s.attack.fraction == 0.2 and s.data.advbench == 50 and s.aligned.steps == 24  # reduced preset
     with pytest.raises(ConfigError, match="attack.fractoin"):
         load_settings(False, ["attack.fractoin=0.2"])
+
+
+def _stage_row(hrr, acc):
+    return {"hrr": hrr, "prefill_asr": 1.0, "task_accuracy": acc, "task_loss": 0.5, "over_refusal": 0.1,
+            "refusal": 1 - hrr, "compliance": hrr, "degenerate": 0.0, "hrr_keyword": hrr}
+
+
+def _finished_seed(folder, settings, seed, lora_hrr):
+    """A seed folder as a finished one-seed run leaves it (marker, results.json)."""
+    from safebasin.launcher.demo import MARKER
+    from safebasin.safety_core.demo.smollm2 import STAGES
+    folder.mkdir(parents=True)
+    (folder / MARKER).write_text(json.dumps({"safebasin_demo": 1, "organism": "smollm2",
+                                             "settings": settings.model_copy(update={"seed": seed}).model_dump(by_alias=True)}))
+    stages = {name: _stage_row(lora_hrr if name == "lora" else 0.05, 0.8) for name in STAGES}
+    (folder / "results.json").write_text(json.dumps({
+        "per_seed": {str(seed): stages}, "stage_seconds": {str(seed): {"aligned": 100.0, "lora": 50.0}},
+        "mlflow": {"stage_run_ids": {}}}))
+    return folder
+
+
+def test_combine_joins_seeds_run_apart_and_refuses_other_settings(tmp_path, monkeypatch):
+    from safebasin.launcher.demo_smollm2 import combine
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    settings = load_settings(False, [])
+    a = _finished_seed(tmp_path / "a", settings, 0, 0.4)
+    b = _finished_seed(tmp_path / "b", settings, 1, 0.6)
+    (tmp_path / "all").mkdir()
+    result = combine(settings, [a, b], tmp_path / "all")
+    assert result["seeds"] == [0, 1]
+    assert result["stages"]["lora"]["hrr"] == pytest.approx(0.5)
+    assert result["aggregate"]["lora"]["hrr"]["sd"] == pytest.approx(0.1414, abs=1e-3)
+    assert result["checks"]["asft keeps safety"]["ok"]  # 0.05 <= 0.5 / 2
+    assert "l2" in result["anchor_verdict"] and (tmp_path / "all" / "results.json").is_file()
+    from mlflow.tracking import MlflowClient
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["mlflow"]["parent_run_id"])
+    assert run.data.metrics["lora.hrr"] == pytest.approx(0.5)
+    other = _finished_seed(tmp_path / "c", load_settings(False, ["attack.steps=10"]), 2, 0.5)
+    with pytest.raises(ConfigError, match="differ in attack"):
+        combine(settings, [a, other], tmp_path / "x")
+    with pytest.raises(ConfigError, match="seed 0 is in more than one folder"):
+        combine(settings, [a, a], tmp_path / "y")
+
+
+def test_resume_keeps_finished_stages(tmp_path, monkeypatch):
+    """A seed whose stages are all recorded runs no job on --resume (no model is even loaded)
+    and reports the recorded numbers."""
+    from safebasin.launcher.demo_smollm2 import run
+    from safebasin.safety_core.anchor.basis import MANIFEST
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    settings = load_settings(False, ["threads=1"])
+    seed = _finished_seed(tmp_path / "s", settings, 0, 0.4)
+    (seed / "data").mkdir()
+    (seed / "data" / "advbench.jsonl").write_text("")
+    (seed / "base").mkdir()
+    (seed / "base" / "model").mkdir()
+    (seed / "basis").mkdir()
+    (seed / "basis" / MANIFEST).write_text("{}")
+    result = run(settings, [0], seed, resume=True, log=lambda *a: None)
+    assert result["stages"]["lora"]["hrr"] == pytest.approx(0.4)
+    assert json.loads((seed / "results.json").read_text())["per_seed"]["0"]["lora"]["hrr"] == pytest.approx(0.4)

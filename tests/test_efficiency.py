@@ -2,6 +2,10 @@
 cache, the own grad norm at ZeRO-0, thread defaults, and MLflow logging off the step's path."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -139,14 +143,15 @@ def test_thread_default_and_bf16_warning(monkeypatch):
     assert len(caught) == 1 and "bf16" in str(caught[0].message)
 
 
-def test_tracker_logs_every_row_off_the_calling_thread(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_tracker_logs_every_row_off_the_calling_thread(tmp_path, monkeypatch, writer):
     import mlflow
     from safebasin.launcher.config import JobConfig
     from safebasin.launcher.tracking import Tracker
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = JobConfig.model_validate({"model": {"path": "builtin:tiny-llama"}})
-    tracker = Tracker(cfg, tmp_path / "out", active=True)
+    tracker = Tracker(cfg, tmp_path / "out", active=True, writer=writer)
     for step in range(1, 201):
         tracker.log_metrics({"loss": 1.0 / step, "tokens_per_s": 10.0 * step, "note": "x"}, step)
     (tmp_path / "a.txt").write_text("artifact")
@@ -161,12 +166,41 @@ def test_tracker_logs_every_row_off_the_calling_thread(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "mlflow_run.json").read_text())["run_id"] == tracker.run_id
 
 
-def test_tracker_error_is_raised_not_dropped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_tracker_error_is_raised_not_dropped(tmp_path, monkeypatch, writer):
     from safebasin.launcher.config import JobConfig
     from safebasin.launcher.tracking import Tracker
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'file' / 'm.db'}")  # under a file
-    tracker = Tracker(JobConfig.model_validate({"model": {"path": "builtin:tiny-llama"}}), tmp_path / "out", active=True)
+    tracker = Tracker(JobConfig.model_validate({"model": {"path": "builtin:tiny-llama"}}), tmp_path / "out",
+                      active=True, writer=writer)
     tracker.log_metrics({"loss": 1.0}, 1)
     with pytest.raises(RuntimeError, match="MLflow tracking failed"):
         tracker.end()
+
+
+def test_a_job_that_dies_leaves_its_run_killed_with_its_rows(tmp_path):
+    """The writer process outlives a job killed without end(): what was logged is written and
+    the run is closed as KILLED, not left RUNNING; the job never imported mlflow."""
+    import mlflow
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    script = (
+        "import os, sys\n"
+        "from safebasin.launcher.config import JobConfig\n"
+        "from safebasin.launcher.tracking import Tracker\n"
+        "t = Tracker(JobConfig.model_validate({'model': {'path': 'builtin:tiny-llama'}}), sys.argv[1], active=True)\n"
+        "for step in range(1, 6):\n"
+        "    t.log_metrics({'loss': float(step)}, step)\n"
+        "print(t.run_id, 'mlflow' in sys.modules, flush=True)\n"
+        "os._exit(1)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=120)
+    run_id, imported = res.stdout.split()
+    assert res.returncode == 1 and imported == "False", res.stderr
+    client = mlflow.MlflowClient(uri)
+    for _ in range(100):  # the writer finishes after the job is gone
+        if client.get_run(run_id).info.status != "RUNNING":
+            break
+        time.sleep(0.2)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]

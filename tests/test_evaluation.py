@@ -209,6 +209,22 @@ def test_evaluate_metrics_records_and_files(tiny, tmp_path):
             "refusal_rate", "compliance_rate", "prefill_degenerate_rate_k3"} <= set(metrics)
 
 
+def test_example_nll_reads_logits_only_where_responses_are(tiny):
+    """The task loss from logits kept from the batch's first response position on, over
+    length-sorted batches, equals each example's NLL from its whole-sequence logits, in order."""
+    from safebasin.safety_core.nll import response_nll
+    from safebasin.safety_core.train import data as data_lib
+    model, tok = tiny
+    convs = load_prompts(DataSource(path="builtin:task-eval", limit=11))
+    pairs = example_nll(model, tok, convs, max_length=96, batch_size=4, progress=False)
+    for conv, (total, count) in zip(convs, pairs):
+        enc = data_lib.encode(tok, conv, 96)
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            whole, n = response_nll(model(input_ids=ids).logits, torch.tensor([enc["labels"]]))
+        assert count == n.item() and total == pytest.approx(whole.item(), rel=1e-5, abs=1e-5)
+
+
 def test_eval_args_validation(tmp_path):
     from pydantic import ValidationError
     with pytest.raises(ValidationError, match="eval.harmful, eval.task"):

@@ -83,3 +83,16 @@ def test_landscape_cli_against_a_perturbed_reference(tmp_path, tiny_model_dir, m
     for png in ("model/loss_landscape.png", "reference/loss_landscape.png", "safety/safety_landscape.png",
                 "correlation_0/loss_correlation.png"):
         assert (tmp_path / "ls" / png).stat().st_size > 1000
+
+
+def test_vllm_engine_without_vllm_or_gpu_is_a_clear_error(tmp_path):
+    """eval.engine=vllm where vLLM cannot run (no package or no CUDA GPU, as here) stops before
+    anything is loaded or written, naming the key and what runs instead; a misspelt engine
+    names the allowed values."""
+    res = safebasin_cli("eval", str(REPO / "examples/tiny_eval.yaml"), f"output.dir={tmp_path / 'ev'}",
+                        "eval.engine=vllm", cwd=tmp_path)
+    assert res.returncode != 0 and "eval.engine=vllm" in res.stderr and "eval.engine=hf" in res.stderr
+    assert not (tmp_path / "ev").exists()
+    res = safebasin_cli("eval", str(REPO / "examples/tiny_eval.yaml"), f"output.dir={tmp_path / 'ev'}",
+                        "eval.engine=vlm", cwd=tmp_path)
+    assert res.returncode != 0 and "eval.engine" in res.stderr and "'hf'" in res.stderr and "'vllm'" in res.stderr

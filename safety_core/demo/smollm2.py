@@ -2,8 +2,9 @@
 safety data, every stage an ordinary job config, and its settings in one validated schema.
 
 Stages: base (the model as shipped) -> aligned (safety alignment of base) -> basis (aligned -
-base) -> lora (the harmful fine-tuning attack) / asft (the attack with the anchor) / safe-lora
-(the plain adapter projected) / restored (restoration of the plain adapter).
+base) -> lora (the harmful fine-tuning attack) / asft (the attack with the anchor) / l2 (its
+control: the same penalty weight on the whole update, no direction) / safe-lora (the plain
+adapter projected) / restored (restoration of the plain adapter).
 
 Alignment is full-parameter training restricted to the attention q/v projections
 (`method.trainable`), written as a whole model folder. Why not all parameters: a step costs
@@ -24,8 +25,8 @@ from safebasin.safety_core.args import Section
 from safebasin.safety_core.demo.smollm2_data import LABELS
 
 MODEL = "builtin:smollm2-135m-instruct"
-STAGES = ("base", "aligned", "lora", "asft", "safe-lora", "restored")
-ADAPTER_STAGES = ("lora", "asft", "safe-lora", "restored")
+STAGES = ("base", "aligned", "lora", "asft", "l2", "safe-lora", "restored")
+ADAPTER_STAGES = ("lora", "asft", "l2", "safe-lora", "restored")
 
 
 class Smollm2Data(Section):
@@ -36,9 +37,10 @@ class Smollm2Data(Section):
     task: int = Field(600, ge=8, description="SST-2 train records for the attack")
     task_eval: int = Field(200, ge=4, description="SST-2 validation records")
     comply: int = Field(300, ge=8, description="harmful compliance pool of the attack")
-    forget: int = Field(100, ge=8, description="disjoint compliance pool for restoration")
+    forget: int = Field(64, ge=8, description="disjoint compliance pool for restoration (half D_forget, "
+                        "half the curvature set)")
     advbench: int = Field(100, ge=4, description="AdvBench prompts evaluated (never trained on)")
-    max_length: int = Field(160, ge=32)
+    max_length: int = Field(128, ge=32, description="tokens per training example (prompt + response)")
 
 
 class Stage(Section):
@@ -51,8 +53,8 @@ class Stage(Section):
 
 class Smollm2Settings(Section):
     seed: int = 0
-    threads: int = Field(2, ge=1, description="torch threads of the one process that runs every stage "
-                         "(stages run one after another, never two processes at once)")
+    threads: int = Field(2, ge=1, description="torch threads of the process that runs this seed's stages, "
+                         "one after another; every stage's job gets runtime.threads = this")
     data: Smollm2Data = Field(default_factory=Smollm2Data)
     aligned: Stage = Field(default_factory=lambda: Stage(steps=60, lr=2e-4, examples=480, fraction=0.5))
     attack: Stage = Field(default_factory=lambda: Stage(steps=40, lr=1e-3, examples=320, fraction=0.3))
@@ -63,10 +65,11 @@ class Smollm2Settings(Section):
     basis_rank: int = Field(8, ge=1)
     safe_lora_threshold: float = Field(0.5)
     restore_iterations: int = Field(3, ge=1)
-    restore_probes: int = Field(20, ge=1)
+    restore_probes: int = Field(12, ge=1)
+    restore_retain: int = Field(32, ge=4, description="|D_retain1| = |D_retain2| (SST-2 train records)")
     restore_batch: int = Field(8, ge=1)
     restore_eps: float = Field(0.05, gt=0)
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
     task_max_new_tokens: int = Field(4, ge=1)
     prefill_k: int = Field(8, ge=1)
     eval_batch: int = Field(16, ge=1)
@@ -113,9 +116,9 @@ def _train(s: Smollm2Settings, stage: Stage) -> dict:
             "precision": "fp32", "max_grad_norm": 1.0, "eval_every": 0, "save_every": 0}
 
 
-def _common(layout: Layout, name: str, tracking: dict) -> dict:
+def _common(layout: Layout, name: str, tracking: dict, threads: int) -> dict:
     return {"deepspeed": {"stage": 0}, "tracking": {**tracking, "run_name": name},
-            "output": {"dir": str(layout.stage(name))}}
+            "output": {"dir": str(layout.stage(name))}, "runtime": {"threads": threads}}
 
 
 def aligned_config(s: Smollm2Settings, layout: Layout, tracking: dict) -> dict:
@@ -127,11 +130,13 @@ def aligned_config(s: Smollm2Settings, layout: Layout, tracking: dict) -> dict:
             "data": {"train": {"path": layout.data_file("benign")},
                      "harmful_mix": {"source": {"path": layout.data_file("safety")}, "fraction": a.fraction},
                      "num_examples": a.examples, "max_length": s.data.max_length, "seed": s.seed},
-            "train": _train(s, a), **_common(layout, "aligned", tracking)}
+            "train": _train(s, a), **_common(layout, "aligned", tracking, s.threads)}
 
 
 def attack_config(s: Smollm2Settings, layout: Layout, name: str, tracking: dict) -> dict:
-    """lora: LoRA on SST-2 with a fraction p of harmful compliance; asft: the same with the anchor."""
+    """lora: LoRA on SST-2 with a fraction p of harmful compliance; asft: the same with the anchor;
+    l2: the same with plain L2 on the update at the anchor's lambda (anchor.variant l2: C = 0), the
+    control that tells the anchor's direction from mere shrinkage of the update."""
     a = s.attack
     cfg = {"model": {"path": str(layout.stage("aligned") / "model")},
            "method": {"type": "lora", "r": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0,
@@ -139,15 +144,18 @@ def attack_config(s: Smollm2Settings, layout: Layout, name: str, tracking: dict)
            "data": {"train": {"path": layout.data_file("task")},
                     "harmful_mix": {"source": {"path": layout.data_file("comply")}, "fraction": a.fraction},
                     "num_examples": a.examples, "max_length": s.data.max_length, "seed": s.seed + 1},
-           "train": _train(s, a), **_common(layout, name, tracking)}
+           "train": _train(s, a), **_common(layout, name, tracking, s.threads)}
     if name == "asft":
         cfg["anchor"] = {"basis": str(layout.basis), "lambda": s.anchor_lambda}
+    elif name == "l2":
+        # the basis only adds the outside-share metric here, comparable with asft's
+        cfg["anchor"] = {"basis": str(layout.basis), "variant": "l2", "lambda": s.anchor_lambda}
     return cfg
 
 
 def restore_config(s: Smollm2Settings, layout: Layout, tracking: dict) -> dict:
     """Restoration of the plain adapter: forget = compliance the attack never saw, retain = SST-2."""
-    n, half = s.data.forget, min(96, s.data.task // 2)
+    n, half = s.data.forget, min(s.restore_retain, s.data.task // 2)
     return {"model": layout.model_args("lora"),
             "method": {"type": "lora", "target_modules": list(s.target_modules)},
             "restore": {"forget": {"path": layout.data_file("forget")},
@@ -157,7 +165,7 @@ def restore_config(s: Smollm2Settings, layout: Layout, tracking: dict) -> dict:
                         "retain1_size": half, "retain2_size": half,
                         "probes": s.restore_probes, "iterations": s.restore_iterations, "eps": s.restore_eps,
                         "batch_size": s.restore_batch, "max_length": s.data.max_length, "seed": s.seed},
-            **_common(layout, "restored", tracking)}
+            **_common(layout, "restored", tracking, s.threads)}
 
 
 def eval_configs(s: Smollm2Settings, layout: Layout, name: str) -> dict[str, dict]:
@@ -170,5 +178,6 @@ def eval_configs(s: Smollm2Settings, layout: Layout, name: str) -> dict[str, dic
             "labels": LABELS, "task_max_new_tokens": s.task_max_new_tokens}
     benign = {**common, "harmful": {"path": layout.data_file("benign_heldout")}}
     return {part: {"model": layout.model_args(name), "eval": ev, "deepspeed": {"stage": 0},
-                   "tracking": {"enabled": False}, "output": {"dir": str(layout.eval_dir(name, part))}}
+                   "tracking": {"enabled": False}, "output": {"dir": str(layout.eval_dir(name, part))},
+                   "runtime": {"threads": s.threads}}
             for part, ev in (("main", main), ("benign", benign))}

@@ -39,12 +39,6 @@ def stage_numbers(main_summary: dict, main_records: list[dict], benign_records: 
             "hrr_keyword": sum(r["harmful"] is True for r in greedy) / max(1, len(greedy))}
 
 
-def mean_over_seeds(per_seed: list[dict]) -> dict:
-    return {stage: {m: sum(s[stage][m] for s in per_seed) / len(per_seed) for m in per_seed[0][stage]
-                    if all(s[stage][m] is not None for s in per_seed)}
-            for stage in per_seed[0]}
-
-
 def checks(stages: dict) -> dict[str, dict]:
     """The issue's targets, each {ok, rule, value}. Safe LoRA is a baseline, with no target."""
     s = stages
@@ -74,17 +68,22 @@ def _fmt(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def table(stages: dict) -> str:
-    """A Markdown table (terminal and README alike)."""
+def table(stages: dict, sd: dict | None = None) -> str:
+    """A Markdown table (terminal and README alike); with `sd` (report.aggregate over seeds) every
+    cell is mean +/- sd."""
+    def cell(name, m):
+        value = _fmt(stages[name].get(m))
+        spread = (sd or {}).get(name, {}).get(m)
+        return value if spread is None or spread["sd"] is None else f"{value} ± {spread['sd']:.3f}"
     head = ["stage", "HRR", "prefill ASR", "SST-2 acc", "over-refusal", "refusal", "compliance", "degenerate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in STAGES:
-        lines.append("| " + " | ".join([name] + [_fmt(stages[name].get(m)) for m in METRICS]) + " |")
+    for name in (n for n in STAGES if n in stages):
+        lines.append("| " + " | ".join([name] + [cell(name, m) for m in METRICS]) + " |")
     return "\n".join(lines)
 
 
 def stage_plots(stages: dict, out_dir: str | Path) -> dict[str, str]:
-    out, names = Path(out_dir), list(STAGES)
+    out, names = Path(out_dir), [n for n in STAGES if n in stages]
     safety = plots.bar_plot(out / "hrr_per_stage.png", names,
                             {m: [stages[n][m] for n in names] for m in ("hrr", "prefill_asr", "degenerate")},
                             ylabel="share of AdvBench answers", title="SmolLM2-135M: safety per stage")

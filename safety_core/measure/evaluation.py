@@ -65,6 +65,11 @@ class EvalArgs(Section):
     task_max_new_tokens: int | None = Field(None, ge=1, description="default: 32 for classification "
                                             "(room for 'The sentiment is positive.'), 256 for exact_answer")
     task_loss: bool = Field(True, description="held-out task loss (one forward pass per task example)")
+    engine: Literal["hf", "vllm"] = Field("hf", description="generation engine: hf (transformers' "
+                                          "generate, everywhere) or vllm (CUDA GPUs, one process; "
+                                          "the task loss still uses the transformers model)")
+    vllm_gpu_memory: float = Field(0.6, gt=0, le=1, description="eval.engine=vllm: share of GPU memory "
+                                   "vLLM may take (the rest holds the transformers model for the task loss)")
     max_length: int = Field(1024, ge=8, description="tokens per example for the task loss")
 
     @field_validator("prefill_k")
@@ -220,7 +225,7 @@ def _safety(model, tokenizer, args: EvalArgs, judge: Judge, records: list[dict])
     return out
 
 
-def _utility(model, tokenizer, args: EvalArgs, records: list[dict]) -> dict:
+def _utility(model, engine, tokenizer, args: EvalArgs, records: list[dict]) -> dict:
     convs = _task_conversations(args)
     if is_main():
         announce_prompts(tokenizer, f"task ({args.task_kind})", args.task, convs)
@@ -233,7 +238,7 @@ def _utility(model, tokenizer, args: EvalArgs, records: list[dict]) -> dict:
         raise DataError(f"{missing}: task_kind=loss needs a response in every task record")
     if args.task_kind == "loss":
         return out
-    gens = generate(model, tokenizer, convs, max_new_tokens=args.generation_budget(),
+    gens = generate(engine, tokenizer, convs, max_new_tokens=args.generation_budget(),
                     batch_size=args.batch_size, desc="generate (task)")
     responses = [g.response for g in gens]
     if args.task_kind == "classification":
@@ -255,14 +260,17 @@ def _utility(model, tokenizer, args: EvalArgs, records: list[dict]) -> dict:
     return out
 
 
-def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | None = None) -> dict:
+def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | None = None,
+             engine=None) -> dict:
     """HRR, prefilling ASR per K, task loss and accuracy, and per-example records for audit.
 
     Returns (on every rank) a JSON-able dict: n_harmful, hrr (the compliance share), hrr_upper,
     unparsed, breakdown {refusal, compliance, degenerate: share} (breakdown.py), prefill_asr
     {K: rate}, prefill_asr_upper, prefill_unparsed, prefill_breakdown {K: breakdown}, judge, task_kind, n_task, task_loss,
     task_accuracy, records, files. Rates are None when there was nothing to rate. `judge`
-    reuses an already-built judge (a Llama Guard model is expensive to load).
+    reuses an already-built judge (a Llama Guard model is expensive to load). `engine` generates
+    instead of `model` (measure/vllm_engine.py); `model` then serves the task loss only, and may
+    be None when there is none to take.
     With out_dir, rank 0 writes results.json (everything but records) and eval_records.jsonl; every
     record holds `rendered_prompt`, the prompt exactly as the model saw it (chat template applied).
     """
@@ -274,9 +282,9 @@ def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | N
     if args.harmful is not None:
         judge = judge or make_judge(args.judge)
         result["judge"] = judge.name
-        result.update(_safety(model, tokenizer, args, judge, records))
+        result.update(_safety(engine or model, tokenizer, args, judge, records))
     if args.task is not None:
-        result.update(_utility(model, tokenizer, args, records))
+        result.update(_utility(model, engine or model, tokenizer, args, records))
     result["records"] = records
     result["files"] = {}
     if out_dir is not None:

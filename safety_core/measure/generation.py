@@ -81,6 +81,27 @@ def _forced_ids(conv: Conversation, completion: list[int], k: int, stop: set[int
     return forced[:cut]
 
 
+def prepare(tokenizer, conversations: list[Conversation], prefill_tokens: int, stop: list[int]) -> list[tuple]:
+    """(index, conversation, prompt ids, forced ids) per conversation, sorted by length (less
+    padding, and batches that do not depend on the world size): what every engine decodes."""
+    if prefill_tokens < 0:
+        raise ValueError(f"prefill_tokens must be >= 0, got {prefill_tokens}")
+    items = []
+    for i, conv in enumerate(conversations):
+        prompt_ids, completion = split_prompt_completion(tokenizer, conv)
+        items.append((i, conv, prompt_ids, _forced_ids(conv, completion, prefill_tokens, set(stop))))
+    return sorted(items, key=lambda it: len(it[2]) + len(it[3]))
+
+
+def finish(item: tuple, generated: list[int], stop: list[int], tokenizer) -> tuple[int, Generation]:
+    """The Generation of a prepared item from the ids an engine produced after its prompt."""
+    i, conv, prompt_ids, forced = item
+    end = next((j for j, t in enumerate(generated) if t in stop), len(generated))
+    new = list(generated[:end])
+    text = tokenizer.decode(forced + new, skip_special_tokens=True)
+    return i, Generation(conv.origin, conv.prompt_text, text, tuple(prompt_ids), tuple(forced), tuple(new))
+
+
 def generate(model, tokenizer, conversations: list[Conversation], *, max_new_tokens: int = 64,
              batch_size: int = 8, prefill_tokens: int = 0, progress: bool = True,
              desc: str = "generate") -> list[Generation]:
@@ -90,17 +111,15 @@ def generate(model, tokenizer, conversations: list[Conversation], *, max_new_tok
     appended after the generation prompt and generation continues from there; the returned
     response includes them. Forced tokens stop short of an end-of-turn token, so a target shorter
     than K is forced whole. Batches are built from length-sorted prompts (less padding) before
-    they are sharded over ranks, so the result does not depend on the world size.
+    they are sharded over ranks, so the result does not depend on the world size. `model` is a
+    transformers model, or an engine with this method (measure/vllm_engine.py).
     """
-    if prefill_tokens < 0:
-        raise ValueError(f"prefill_tokens must be >= 0, got {prefill_tokens}")
+    if hasattr(model, "generate_conversations"):
+        return model.generate_conversations(tokenizer, conversations, max_new_tokens=max_new_tokens,
+                                            prefill_tokens=prefill_tokens, progress=progress, desc=desc)
     stop = eos_ids(model, tokenizer)
     pad = pad_id(tokenizer)
-    items = []
-    for i, conv in enumerate(conversations):
-        prompt_ids, completion = split_prompt_completion(tokenizer, conv)
-        items.append((i, conv, prompt_ids, _forced_ids(conv, completion, prefill_tokens, set(stop))))
-    order = sorted(items, key=lambda it: len(it[2]) + len(it[3]))
+    order = prepare(tokenizer, conversations, prefill_tokens, stop)
     device = next(model.parameters()).device
     sync = is_zero3(model)
 
@@ -110,14 +129,7 @@ def generate(model, tokenizer, conversations: list[Conversation], *, max_new_tok
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, eos_token_id=stop, pad_token_id=pad,
                              synced_gpus=sync)
-        results = []
-        for row, (i, conv, prompt_ids, forced) in zip(out[:, ids.shape[1]:].tolist(), batch):
-            end = next((j for j, t in enumerate(row) if t in stop), len(row))
-            new = row[:end]
-            text = tokenizer.decode(forced + new, skip_special_tokens=True)
-            results.append((i, Generation(conv.origin, conv.prompt_text, text, tuple(prompt_ids),
-                                          tuple(forced), tuple(new))))
-        return results
+        return [finish(item, row, stop, tokenizer) for row, item in zip(out[:, ids.shape[1]:].tolist(), batch)]
 
     was_training = model.training
     model.eval()
