@@ -195,6 +195,29 @@ def jobs(out: Path, model: str, smoke: bool) -> None:
     code, secs, _ = run([*exe, "eval", str(out / "eval.yaml")], out / "eval.log", 120)
     record("safebasin eval, 16 prompts", code == 0 and (out / "eval" / "results.json").exists(),
            f"exit {code}, {16 / secs:.2f} prompts/s whole process ({secs:.0f} s)")
+    vllm_eval(out, eval_cfg, exe, smoke)
+
+
+def vllm_eval(out: Path, hf_cfg: dict, exe: list[str], smoke: bool) -> None:
+    """eval.engine=vllm on the same prompts and adapter: its greedy answers should match hf's
+    (same prompts, prefilled tokens and stop ids; kernels differ, so a few may diverge late)."""
+    import importlib.util
+    if smoke or importlib.util.find_spec("vllm") is None:
+        record("safebasin eval, eval.engine=vllm", None, "vllm not installed here (or --smoke); skipped")
+        return
+    cfg = {**hf_cfg, "eval": {**hf_cfg["eval"], "engine": "vllm"}, "output": {"dir": str(out / "eval_vllm")}}
+    (out / "eval_vllm.yaml").write_text(yaml.safe_dump(cfg))
+    code, secs, _ = run([*exe, "eval", str(out / "eval_vllm.yaml")], out / "eval_vllm.log", 180)
+    records = out / "eval_vllm" / "eval_records.jsonl"
+    if code != 0 or not records.exists():
+        record("safebasin eval, eval.engine=vllm", False, f"exit {code}; see {out / 'eval_vllm.log'}")
+        return
+    def answers(path):
+        return [json.loads(line)["response"] for line in path.read_text().splitlines()]
+    mine, theirs = answers(records), answers(out / "eval" / "eval_records.jsonl")
+    same = sum(a == b for a, b in zip(mine, theirs))
+    record("safebasin eval, eval.engine=vllm", len(mine) == len(theirs),
+           f"{16 / secs:.2f} prompts/s whole process ({secs:.0f} s); {same}/{len(mine)} answers identical to hf")
 
 
 def rank_binding(out: Path) -> None:

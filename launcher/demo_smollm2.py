@@ -55,7 +55,8 @@ class Progress:
             done = json.loads((root / "results.json").read_text())
             self.stages = done["per_seed"][str(seed)]
             self.seconds = done["stage_seconds"][str(seed)]
-            self.run_ids = done["mlflow"]["stage_run_ids"]
+            ids = done["mlflow"]["stage_run_ids"]  # {seed: {stage: id}}; an older run: {stage: id}
+            self.run_ids = ids.get(str(seed), ids)
 
     def done(self, stage: str) -> bool:
         return stage in self.stages
@@ -67,9 +68,9 @@ class Progress:
         os.replace(tmp, self.path)
 
 
-def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) -> tuple[dict, dict]:
-    """All stages of one seed not finished before (Progress); returns (numbers per stage,
-    seconds per stage)."""
+def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) -> Progress:
+    """All stages of one seed not finished before; returns its Progress (numbers, seconds and
+    MLflow run per stage)."""
     from safebasin.launcher.jobs import run_job
     from safebasin.safety_core.anchor.basis import MANIFEST, extract_basis
     from safebasin.safety_core.anchor.safe_lora import project_adapter
@@ -151,7 +152,7 @@ def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) ->
         move_aside(layout.stage("safe-lora"), [])
     stage("safe-lora", safe_lora)
     stage("restored", lambda: job("restore", smollm2.restore_config(s, layout, tracking))["mlflow_run_id"])
-    return progress.stages, progress.seconds
+    return progress
 
 
 def _settings_problem(settings, folder: Path) -> str | None:
@@ -173,7 +174,8 @@ def _settings_problem(settings, folder: Path) -> str | None:
     return None
 
 
-def _result(settings, per_seed: dict, seconds: dict, out: Path, runs: DemoRuns, uri: str, extra: dict) -> dict:
+def _result(settings, per_seed: dict, seconds: dict, run_ids: dict, out: Path, runs: DemoRuns, uri: str,
+            extra: dict) -> dict:
     """results.json of several seeds (or one): mean and sd per stage, the targets on the means,
     plots, and the outcome on the MLflow parent run."""
     from safebasin.safety_core.demo import report, smollm2_report
@@ -190,7 +192,7 @@ def _result(settings, per_seed: dict, seconds: dict, out: Path, runs: DemoRuns, 
         "n_advbench": settings.data.advbench, "n_benign_heldout": settings.data.benign_heldout,
         "n_task_eval": settings.data.task_eval, "prefill_k": settings.prefill_k,
         "mlflow": {"tracking_uri": uri, "experiment": EXPERIMENT, "parent_run_id": runs.run_id,
-                   "stage_run_ids": runs.stage_runs},
+                   "stage_run_ids": run_ids},
         "stage_seconds": seconds, "settings": settings.model_dump(mode="json", by_alias=True),
         "machine": {"cpus": os.cpu_count(), "threads": settings.threads,
                     "loadavg_at_end": list(os.getloadavg())}, **extra}
@@ -210,13 +212,14 @@ def run(settings, seeds: list[int], out: Path, log=print, *, resume: bool = Fals
     tracking = {"experiment": EXPERIMENT, "uri": uri}
     runs = DemoRuns(uri, f"demo smollm2 {out.name}{' (resumed)' if resume else ''}",
                     {**settings.model_dump(mode="json", by_alias=True), "seeds": seeds})
-    per_seed, seconds = {}, {}
+    per_seed, seconds, run_ids = {}, {}, {}
     try:
         for seed in seeds:
             seed_settings = settings.model_copy(update={"seed": seed})
             root = out if len(seeds) == 1 else out / f"seed{seed}"
-            per_seed[seed], seconds[seed] = run_seed(seed_settings, root.resolve(), runs, tracking, log)
-        result = _result(settings, per_seed, seconds, out, runs, uri,
+            done = run_seed(seed_settings, root.resolve(), runs, tracking, log)
+            per_seed[seed], seconds[seed], run_ids[seed] = done.stages, done.seconds, done.run_ids
+        result = _result(settings, per_seed, seconds, run_ids, out, runs, uri,
                          {"wall_seconds": time.perf_counter() - t_start})
     except BaseException:
         runs.end("FAILED")
@@ -228,7 +231,7 @@ def run(settings, seeds: list[int], out: Path, log=print, *, resume: bool = Fals
 def combine(settings, folders: list[Path], out: Path) -> dict:
     """One result from seed folders run separately (each a one- or several-seed smollm2 demo
     run with these settings): every seed's numbers as its folder recorded them."""
-    per_seed, seconds, sources = {}, {}, {}
+    per_seed, seconds, run_ids, sources = {}, {}, {}, {}
     problems = [p for p in (_settings_problem(settings, f) for f in folders) if p]
     problems += [f"{f}: no results.json: that demo has not finished (continue it with --resume)"
                  for f in folders if not (f / "results.json").is_file()]
@@ -240,6 +243,8 @@ def combine(settings, folders: list[Path], out: Path) -> dict:
             if int(seed) in per_seed:
                 raise ConfigError([f"--combine: seed {seed} is in more than one folder ({sources[int(seed)]}, {folder})"])
             per_seed[int(seed)], seconds[int(seed)] = stages, done["stage_seconds"][seed]
+            ids = done["mlflow"]["stage_run_ids"]
+            run_ids[int(seed)] = ids.get(seed, ids)  # {seed: {stage: id}}; an older run: {stage: id}
             sources[int(seed)] = str(folder.resolve())
     (out / MARKER).write_text(json.dumps({"safebasin_demo": 1, "organism": "smollm2", "combined_from": sources,
                                           "settings": settings.model_dump(by_alias=True)}, indent=2))
@@ -247,7 +252,7 @@ def combine(settings, folders: list[Path], out: Path) -> dict:
     runs = DemoRuns(uri, f"demo smollm2 {out.name} (combined)",
                     {**settings.model_dump(mode="json", by_alias=True), "seeds": sorted(per_seed)})
     try:
-        result = _result(settings, dict(sorted(per_seed.items())), seconds, out, runs, uri,
+        result = _result(settings, dict(sorted(per_seed.items())), seconds, run_ids, out, runs, uri,
                          {"combined_from": sources,
                           "wall_seconds": max(sum(s.values()) for s in seconds.values())})
     except BaseException:

@@ -52,7 +52,10 @@ def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
     try:
         engine, args = None, cfg.eval
         if args.engine == "vllm":
-            from safebasin.safety_core.measure.vllm_engine import VllmEngine, vllm_problem
+            from safebasin.safety_core.measure.vllm_engine import (
+                VllmEngine,
+                vllm_problem,
+            )
             problem = vllm_problem(int(os.environ.get("WORLD_SIZE", "1")))
             if problem:
                 raise ConfigError([problem])

@@ -9,8 +9,10 @@ raised there (or when `run_id` is read), never dropped.
 Where the writer runs: a process of its own (`python -m safebasin.launcher.tracking`), unless
 this process has already imported mlflow (a test, the demo), in which case a thread. Why a
 process: importing mlflow and opening its store is ~2 s of pure-Python work that, on a thread,
-holds the GIL against the job's own imports and model loading (measured: a thread overlapped
-almost none of it); a process does it on another core, and the job never imports mlflow.
+holds the GIL against the job's own imports and model loading; a process does it on another
+core, and the job never imports mlflow (`safebasin eval` of the tiny model, whole process:
+11.2-12.4 s with the thread, 9.1-9.3 s with the process, measured side by side on a busy 2-core
+machine; benchmarks/RESULTS.md has the quiet-machine figures).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 RUN_FILE = "mlflow_run.json"
 # How long the writer waits for more rows before writing what it has: at most one batch per
@@ -187,7 +189,7 @@ class _Writer:
     def run(self, next_message: Callable[[], dict]) -> None:
         try:
             run_id = self._open()
-        except Exception as e:  # handed to the caller at run_id / flush / end, never dropped
+        except Exception as e:  # noqa: BLE001  handed to the caller at run_id / flush / end, never dropped
             self.reply({"kind": "open", "error": f"{type(e).__name__}: {e}"})
             return self._drain(next_message, None)
         self.reply({"kind": "open", "run_id": run_id})
@@ -204,7 +206,7 @@ class _Writer:
             try:
                 if self._write(items):
                     return
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  handed to the caller at flush / end
                 return self._drain(next_message, f"{type(e).__name__}: {e}", items[self._handled:])
 
     def _drain(self, next_message, error: str | None, pending: list[dict] = ()) -> None:

@@ -24,7 +24,11 @@ def _examples(tokenizer, n=5, max_length=96):
 def test_packed_row_equals_separate_examples(tiny_model_dir, attention):
     """Each example in a packed row gets the logits it gets alone (no attention across
     examples), and the packed loss is the padded batch's loss."""
-    from safebasin.safety_core.train.modeling import ModelArgs, load_model, load_tokenizer
+    from safebasin.safety_core.train.modeling import (
+        ModelArgs,
+        load_model,
+        load_tokenizer,
+    )
     from safebasin.safety_core.train.packing import packed, padded
     args = ModelArgs(path=str(tiny_model_dir), attn_implementation=attention)
     tok, model = load_tokenizer(args), load_model(args).eval()
@@ -52,10 +56,10 @@ def test_packed_row_equals_separate_examples(tiny_model_dir, attention):
 
 
 def _train(tmp_path, name, **overrides):
+    import yaml
     from safebasin.launcher.config import load_config
     from safebasin.launcher.launch import single_process_env
     from safebasin.safety_core.train.trainer import train
-    import yaml
     cfg = {"model": {"path": "builtin:tiny-llama"},
            "method": {"type": "lora", "r": 4, "alpha": 8},
            "data": {"train": {"path": "builtin:task"}, "num_examples": 32, "max_length": 96,
@@ -109,6 +113,7 @@ def test_tokenisation_is_cached_by_data_tokenizer_and_settings(tmp_path, tiny_mo
 
 def test_attention_choice(tiny_model_dir):
     import importlib.util
+
     from safebasin.safety_core.train.modeling import ModelArgs, load_model
     ids = torch.tensor([[5, 40, 41, 42, 43, 2]])
     eager = load_model(ModelArgs(path=str(tiny_model_dir), attn_implementation="eager")).eval()
