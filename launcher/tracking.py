@@ -7,7 +7,8 @@ written in batches (one `log_batch` per drain, not one SQLite transaction per me
 raised there (or when `run_id` is read), never dropped.
 
 Where the writer runs: a process of its own (`python -m safebasin.launcher.tracking`), unless
-this process has already imported mlflow (a test, the demo), in which case a thread. Why a
+this process has already imported mlflow (a test, the demo), in which case a thread
+(`SAFEBASIN_TRACKING_WRITER=thread|process` chooses). Why a
 process: importing mlflow and opening its store is ~2 s of pure-Python work that, on a thread,
 holds the GIL against the job's own imports and model loading; a process does it on another
 core, and the job never imports mlflow (`safebasin eval` of the tiny model, whole process:
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import subprocess
 import sys
@@ -58,7 +60,10 @@ class Tracker:
                 "reattach": reattach, "out_dir": str(out_dir),
                 "params": {k: ("" if v is None else str(v))[:6000]
                            for k, v in flatten(config.model_dump(mode="json", by_alias=True)).items()}}
-        writer = writer or ("thread" if "mlflow" in sys.modules else "process")
+        writer = writer or os.environ.get("SAFEBASIN_TRACKING_WRITER") or (
+            "thread" if "mlflow" in sys.modules else "process")
+        if writer not in ("thread", "process"):
+            raise ValueError(f"SAFEBASIN_TRACKING_WRITER={writer!r}: allowed: thread, process")
         self._channel = _ThreadChannel(spec) if writer == "thread" else _ProcessChannel(spec)
 
     # -- the caller's side ------------------------------------------------------------------
@@ -172,12 +177,13 @@ class _ProcessChannel:
         return json.loads(line)
 
     def close(self) -> None:
+        # Everything is written once `ended` came back: the writer's own exit (interpreter and
+        # mlflow shutdown, ~1 s) is not waited for; subprocess reaps it later.
         for pipe in (self._proc.stdin, self._proc.stdout):
             try:
                 pipe.close()
             except BrokenPipeError:
                 pass
-        self._proc.wait()
 
 
 class _Writer:
