@@ -166,7 +166,8 @@ def _settings_problem(settings, folder: Path) -> str | None:
         return f"{folder}: a demo of organism {saved.get('organism', 'tiny')!r}, not smollm2"
     theirs = Smollm2Settings.model_validate(saved["settings"]).model_dump(mode="json", by_alias=True)
     ours = settings.model_dump(mode="json", by_alias=True)
-    theirs.pop("seed"), ours.pop("seed")
+    for key in ("seed", "threads"):  # neither changes what a stage computes from the data
+        theirs.pop(key), ours.pop(key)
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differ:
         return (f"{folder}: its settings differ in {', '.join(differ)} (pass the same overrides it was run "
