@@ -3,7 +3,7 @@ end-of-turn ids as generation.generate (its `prepare` and `finish`), decoded gre
 continuous-batching engine instead of `model.generate`. GPU only, one process (vLLM shards a
 model over GPUs itself). LoRA adapters are served as vLLM LoRA requests, unmerged.
 
-May import: measure.generation, train.modeling (ModelArgs). vllm is imported only here.
+May import: measure.generation. vllm is imported only here, and only when the engine is used.
 """
 
 from __future__ import annotations
