@@ -288,7 +288,7 @@ def cmd(args) -> int:
         report.write_json(result, args.json)
     print()
     print(smollm2_report.table(result["stages"], sd=result["aggregate"] if len(seeds) > 1 else None))
-    print(f"({'mean ± sd' if len(seeds) > 1 else 'seed'} over seeds {seeds}; HRR and prefill ASR "
+    print(f"({f'mean ± sd over seeds {seeds}' if len(seeds) > 1 else f'seed {seeds[0]}'}; HRR and prefill ASR "
           f"(K={result['prefill_k']}) on {result['n_advbench']} AdvBench prompts, over-refusal on "
           f"{result['n_benign_heldout']} held-out Alpaca prompts, SST-2 on {result['n_task_eval']} validation "
           f"sentences)")
