@@ -275,6 +275,10 @@ def cmd(args) -> int:
     if args.combine:
         if args.resume or args.seeds:
             raise ConfigError(["--combine takes the seeds from its folders: no --resume or --seeds with it"])
+        from safebasin.launcher.outputs import overlap_problems
+        problems = overlap_problems("--out", out, [("--combine folder", f) for f in args.combine])
+        if problems:
+            raise ConfigError(problems)
         result = combine(settings, [Path(f) for f in args.combine], prepare_folder(out, args.overwrite))
         seeds = result["seeds"]
     elif args.resume:

@@ -106,3 +106,14 @@ def test_resume_keeps_finished_stages(tmp_path, monkeypatch):
     result = run(settings, [0], seed, resume=True, log=lambda *a: None)
     assert result["stages"]["lora"]["hrr"] == pytest.approx(0.4)
     assert json.loads((seed / "results.json").read_text())["per_seed"]["0"]["lora"]["hrr"] == pytest.approx(0.4)
+
+
+def test_combine_never_writes_into_a_folder_it_reads(tmp_path):
+    from conftest import safebasin_cli
+    settings = load_settings(False, [])
+    a = _finished_seed(tmp_path / "a", settings, 0, 0.4)
+    before = (a / "results.json").read_text()
+    res = safebasin_cli("demo", "--organism", "smollm2", "--combine", str(a), "--out", str(a), "--overwrite",
+                        cwd=tmp_path)
+    assert res.returncode != 0 and "--combine folder" in res.stderr
+    assert (a / "results.json").read_text() == before
