@@ -206,9 +206,14 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     scheduler = None if "scheduler" in ds_config else (
         lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(train_args.schedule, train_args.warmup_steps, total_steps)))
+    # DeepSpeed's fp32 path without ZeRO clips with a norm it never keeps (get_global_grad_norm
+    # stays None), so logging the norm took a second pass over the gradients: there the loop
+    # clips itself, with torch's clip_grad_norm_ (the same rule), and logs the norm it returns.
+    own_clip = stage == 0 and train_args.precision == "fp32"
+    clip_norm = float(ds_config.get("gradient_clipping") or 0.0)
     engine, _, _, lr_sched = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config, lr_scheduler=scheduler)
+        config={**ds_config, "gradient_clipping": 0.0} if own_clip else ds_config, lr_scheduler=scheduler)
     if regularizer_factory is not None:
         regularizers = list(regularizers) + list(regularizer_factory(engine.module, ds_config))
     if world == 1 and stage == 0:
@@ -249,9 +254,6 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     def batch_to(examples):
         return {k: v.to(device) for k, v in data_lib.collate(examples, pad_id).items()}
 
-    # DeepSpeed's fp32 path without ZeRO clips with a norm it never keeps (get_global_grad_norm
-    # stays None): the norm is taken here, before the step, as the other paths report it.
-    own_grad_norm = stage == 0 and train_args.precision == "fp32"
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
 
     # Fault injection for resume and failure tests: this rank crashes (or, with
@@ -286,8 +288,8 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
             if i == len(micro) - 1:
                 for reg in regularizers:
                     reg_metrics.update(reg.before_step(engine))
-                if own_grad_norm:
-                    grad_norm = _grad_norm(trainable)
+                if own_clip:
+                    grad_norm = _clip(trainable, clip_norm)
             engine.step()
         mean_loss, tokens_mean, positions_mean = _mean_across_ranks([sum(losses) / len(losses), tokens, positions])
         tokens_all = int(round(tokens_mean * world))
@@ -346,12 +348,12 @@ def _encode(tokenizer, convs, data_args: DataArgs) -> list[dict[str, list[int]]]
 
 
 @torch.no_grad()
-def _grad_norm(params: list[torch.Tensor]) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+def _clip(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip the gradients to max_norm (0: no clipping) and return their norm before clipping."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
-                                                       for g in grads])))
+    return float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm if max_norm > 0 else float("inf")))
 
 
 @torch.no_grad()
