@@ -229,9 +229,11 @@ def run(settings, seeds: list[int], out: Path, log=print, *, resume: bool = Fals
     return result
 
 
-def combine(settings, folders: list[Path], out: Path) -> dict:
+def combine(settings, folders: list[Path], prepare_out) -> dict:
     """One result from seed folders run separately (each a one- or several-seed smollm2 demo
-    run with these settings): every seed's numbers as its folder recorded them."""
+    run with these settings): every seed's numbers as its folder recorded them. `prepare_out()`
+    returns the output folder; it is called only once every input has been read and checked,
+    so a refused combine creates or moves nothing."""
     per_seed, seconds, run_ids, sources = {}, {}, {}, {}
     problems = [p for p in (_settings_problem(settings, f) for f in folders) if p]
     problems += [f"{f}: no results.json: that demo has not finished (continue it with --resume)"
@@ -247,6 +249,7 @@ def combine(settings, folders: list[Path], out: Path) -> dict:
             ids = done["mlflow"]["stage_run_ids"]
             run_ids[int(seed)] = ids.get(seed, ids)  # {seed: {stage: id}}; an older run: {stage: id}
             sources[int(seed)] = str(folder.resolve())
+    out = prepare_out()
     (out / MARKER).write_text(json.dumps({"safebasin_demo": 1, "organism": "smollm2", "combined_from": sources,
                                           "settings": settings.model_dump(by_alias=True)}, indent=2))
     uri = TrackingArgs().resolved_uri()
@@ -279,7 +282,7 @@ def cmd(args) -> int:
         problems = overlap_problems("--out", out, [("--combine folder", f) for f in args.combine])
         if problems:
             raise ConfigError(problems)
-        result = combine(settings, [Path(f) for f in args.combine], prepare_folder(out, args.overwrite))
+        result = combine(settings, [Path(f) for f in args.combine], lambda: prepare_folder(out, args.overwrite))
         seeds = result["seeds"]
     elif args.resume:
         problem = _settings_problem(settings, out)

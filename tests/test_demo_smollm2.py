@@ -72,8 +72,12 @@ def test_combine_joins_seeds_run_apart_and_refuses_other_settings(tmp_path, monk
     settings = load_settings(False, [])
     a = _finished_seed(tmp_path / "a", settings, 0, 0.4)
     b = _finished_seed(tmp_path / "b", settings, 1, 0.6)
-    (tmp_path / "all").mkdir()
-    result = combine(settings, [a, b], tmp_path / "all")
+    def out(name):
+        def prepare():
+            (tmp_path / name).mkdir()
+            return tmp_path / name
+        return prepare
+    result = combine(settings, [a, b], out("all"))
     assert result["seeds"] == [0, 1]
     assert result["stages"]["lora"]["hrr"] == pytest.approx(0.5)
     assert result["aggregate"]["lora"]["hrr"]["sd"] == pytest.approx(0.1414, abs=1e-3)
@@ -84,9 +88,10 @@ def test_combine_joins_seeds_run_apart_and_refuses_other_settings(tmp_path, monk
     assert run.data.metrics["lora.hrr"] == pytest.approx(0.5)
     other = _finished_seed(tmp_path / "c", load_settings(False, ["attack.steps=10"]), 2, 0.5)
     with pytest.raises(ConfigError, match="differ in attack"):
-        combine(settings, [a, other], tmp_path / "x")
+        combine(settings, [a, other], out("x"))
     with pytest.raises(ConfigError, match="seed 0 is in more than one folder"):
-        combine(settings, [a, a], tmp_path / "y")
+        combine(settings, [a, a], out("y"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused: nothing made
 
 
 def test_resume_keeps_finished_stages(tmp_path, monkeypatch):
