@@ -114,12 +114,23 @@ def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) ->
             return
         evaluate(name, timed(name, build_it))
 
+    def write_data() -> None:
+        files = dict(n_safety=s.data.safety, n_benign=s.data.benign, n_benign_heldout=s.data.benign_heldout,
+                     n_task=s.data.task, n_task_eval=s.data.task_eval, n_comply=s.data.comply,
+                     n_forget=s.data.forget, n_advbench=s.data.advbench, seed=s.seed,
+                     n_benign_task=s.data.benign_task)
+        data = root / "data"
+        if not (data / "advbench.jsonl").is_file():
+            smollm2_data.write_all(s.data.dir, data, **files)
+        elif not (data / "benign_task.jsonl").is_file():
+            # A seed begun by a version without the benign stages: its other files stay as they
+            # were trained on; the new one is written beside them (the same draw as a fresh seed's).
+            import tempfile
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                written = smollm2_data.write_all(s.data.dir, Path(tmp), **files)
+                os.replace(written["benign_task"], data / "benign_task.jsonl")
+
     def setup() -> str:
-        if not (root / "data" / "advbench.jsonl").is_file():  # a resumed seed keeps the files it trained on
-            smollm2_data.write_all(s.data.dir, root / "data", n_safety=s.data.safety, n_benign=s.data.benign,
-                                   n_benign_heldout=s.data.benign_heldout, n_task=s.data.task,
-                                   n_task_eval=s.data.task_eval, n_comply=s.data.comply,
-                                   n_forget=s.data.forget, n_advbench=s.data.advbench, seed=s.seed)
         base = layout.stage("base")
         base.mkdir(parents=True, exist_ok=True)
         if not (base / "model").exists():
@@ -142,16 +153,29 @@ def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) ->
                         threshold=s.safe_lora_threshold)
         return runs.stage_run(f"safe-lora seed {s.seed}")
 
-    stage("base", setup)
-    stage("aligned", lambda: train("aligned", smollm2.aligned_config(s, layout, tracking)))
-    basis()
-    for name in ("lora", "asft", "l2"):
-        stage(name, lambda name=name: train(name, smollm2.attack_config(s, layout, name, tracking)))
-    if not progress.done("safe-lora") and layout.stage("safe-lora").exists():
-        from safebasin.launcher.outputs import move_aside
-        move_aside(layout.stage("safe-lora"), [])
-    stage("safe-lora", safe_lora)
-    stage("restored", lambda: job("restore", smollm2.restore_config(s, layout, tracking))["mlflow_run_id"])
+    wanted = set(s.stages)
+    missing = sorted({need for name in wanted for need in smollm2.NEEDS.get(name, ())
+                      if need not in wanted and not progress.done(need)})
+    if missing:
+        raise ConfigError([f"stages: {', '.join(sorted(wanted))} read the output of {', '.join(missing)}, "
+                           "which is neither listed nor finished in this folder"])
+    write_data()
+    build = {"base": setup,
+             "aligned": lambda: train("aligned", smollm2.aligned_config(s, layout, tracking)),
+             "safe-lora": safe_lora}
+    for name in ("lora", "asft", "l2", "lora_benign"):
+        build[name] = lambda name=name: train(name, smollm2.attack_config(s, layout, name, tracking))
+    for name in smollm2.RESTORES:
+        build[name] = lambda name=name: job("restore", smollm2.restore_config(s, layout, tracking, name))["mlflow_run_id"]
+    # Training stages first, restorations last: each restoration reads a finished adapter.
+    order = ["base", "aligned", "lora", "asft", "l2", "lora_benign", "safe-lora", *smollm2.RESTORES]
+    for name in (n for n in order if n in wanted):
+        if name == "safe-lora" and not progress.done(name) and layout.stage(name).exists():
+            from safebasin.launcher.outputs import move_aside
+            move_aside(layout.stage(name), [])
+        if name in ("asft", "l2", "safe-lora"):
+            basis()
+        stage(name, build[name])
     return progress
 
 
@@ -166,7 +190,8 @@ def _settings_problem(settings, folder: Path) -> str | None:
         return f"{folder}: a demo of organism {saved.get('organism', 'tiny')!r}, not smollm2"
     theirs = Smollm2Settings.model_validate(saved["settings"]).model_dump(mode="json", by_alias=True)
     ours = settings.model_dump(mode="json", by_alias=True)
-    for key in ("seed", "threads"):  # neither changes what a stage computes from the data
+    for key in ("seed", "threads", "stages"):  # none changes what a stage computes from the data
+        theirs.setdefault(key, None), ours.setdefault(key, None)
         theirs.pop(key), ours.pop(key)
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differ:

@@ -4,7 +4,10 @@ safety data, every stage an ordinary job config, and its settings in one validat
 Stages: base (the model as shipped) -> aligned (safety alignment of base) -> basis (aligned -
 base) -> lora (the harmful fine-tuning attack) / asft (the attack with the anchor) / l2 (its
 control: the same penalty weight on the whole update, no direction) / safe-lora (the plain
-adapter projected) / restored (restoration of the plain adapter).
+adapter projected) / restored (restoration of the plain adapter) / restored_first_order (its
+control: the same budget rule with no curvature pairs) / lora_benign (the CASR paper's main
+setting: LoRA on benign Dolly instructions only) / restored_benign (its restoration).
+`stages` picks a subset (a stage's inputs must be in it or finished before).
 
 Alignment is full-parameter training restricted to the attention q/v projections
 (`method.trainable`), written as a whole model folder. Why not all parameters: a step costs
@@ -20,13 +23,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.demo.smollm2_data import LABELS
 
 MODEL = "builtin:smollm2-135m-instruct"
-STAGES = ("base", "aligned", "lora", "asft", "l2", "safe-lora", "restored")
-ADAPTER_STAGES = ("lora", "asft", "l2", "safe-lora", "restored")
+STAGES = ("base", "aligned", "lora", "asft", "l2", "safe-lora", "restored", "restored_first_order",
+          "lora_benign", "restored_benign")
+# What each stage's job reads from earlier stages (the basis comes with aligned).
+NEEDS = {"aligned": ("base",), "lora": ("aligned",), "asft": ("aligned",), "l2": ("aligned",),
+         "safe-lora": ("lora",), "restored": ("lora",), "restored_first_order": ("lora",),
+         "lora_benign": ("aligned",), "restored_benign": ("lora_benign",)}
+# restoration stage -> (the adapter it restores, the data file its retain set comes from)
+RESTORES = {"restored": ("lora", "task"), "restored_first_order": ("lora", "task"),
+            "restored_benign": ("lora_benign", "benign_task")}
 
 
 class Smollm2Data(Section):
@@ -39,6 +49,8 @@ class Smollm2Data(Section):
     comply: int = Field(300, ge=8, description="harmful compliance pool of the attack")
     forget: int = Field(64, ge=8, description="disjoint compliance pool for restoration (half D_forget, "
                         "half the curvature set)")
+    benign_task: int = Field(400, ge=8, description="Dolly records of the benign attack (lora_benign) and "
+                             "its restoration's retain pool")
     advbench: int = Field(100, ge=4, description="AdvBench prompts evaluated (never trained on)")
     max_length: int = Field(128, ge=32, description="tokens per training example (prompt + response)")
 
@@ -53,6 +65,8 @@ class Stage(Section):
 
 class Smollm2Settings(Section):
     seed: int = 0
+    stages: list[str] = Field(default_factory=lambda: list(STAGES),
+                              description="the stages to run, in the organism's order (default: all)")
     threads: int = Field(2, ge=1, description="torch threads of the process that runs this seed's stages, "
                          "one after another; every stage's job gets runtime.threads = this")
     data: Smollm2Data = Field(default_factory=Smollm2Data)
@@ -74,11 +88,19 @@ class Smollm2Settings(Section):
     prefill_k: int = Field(8, ge=1)
     eval_batch: int = Field(16, ge=1)
 
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, value: list[str]) -> list[str]:
+        unknown = [v for v in value if v not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; allowed: {', '.join(STAGES)}")
+        return value
+
 
 # A reduced run that fits a shared machine (measured: README, A real model): the same code, far
 # fewer steps and prompts. Its numbers are a pipeline check, not the study.
 REDUCED = {
-    "data": {"safety": 192, "benign": 96, "benign_heldout": 16, "task": 96, "task_eval": 32,
+    "data": {"safety": 192, "benign": 96, "benign_heldout": 16, "task": 96, "task_eval": 32, "benign_task": 96,
              "comply": 96, "forget": 24, "advbench": 24, "max_length": 128},
     "aligned": {"steps": 24, "examples": 192},
     "attack": {"steps": 12, "examples": 96},
@@ -136,14 +158,17 @@ def aligned_config(s: Smollm2Settings, layout: Layout, tracking: dict) -> dict:
 def attack_config(s: Smollm2Settings, layout: Layout, name: str, tracking: dict) -> dict:
     """lora: LoRA on SST-2 with a fraction p of harmful compliance; asft: the same with the anchor;
     l2: the same with plain L2 on the update at the anchor's lambda (anchor.variant l2: C = 0), the
-    control that tells the anchor's direction from mere shrinkage of the update."""
+    control that tells the anchor's direction from mere shrinkage of the update; lora_benign: the
+    same LoRA on Dolly instructions with no harmful record (the CASR paper's benign drift)."""
     a = s.attack
+    data = {"train": {"path": layout.data_file("task")},
+            "harmful_mix": {"source": {"path": layout.data_file("comply")}, "fraction": a.fraction}}
+    if name == "lora_benign":
+        data = {"train": {"path": layout.data_file("benign_task")}}
     cfg = {"model": {"path": str(layout.stage("aligned") / "model")},
            "method": {"type": "lora", "r": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0,
                       "target_modules": list(s.target_modules)},
-           "data": {"train": {"path": layout.data_file("task")},
-                    "harmful_mix": {"source": {"path": layout.data_file("comply")}, "fraction": a.fraction},
-                    "num_examples": a.examples, "max_length": s.data.max_length, "seed": s.seed + 1},
+           "data": {**data, "num_examples": a.examples, "max_length": s.data.max_length, "seed": s.seed + 1},
            "train": _train(s, a), **_common(layout, name, tracking, s.threads)}
     if name == "asft":
         cfg["anchor"] = {"basis": str(layout.basis), "lambda": s.anchor_lambda}
@@ -153,19 +178,24 @@ def attack_config(s: Smollm2Settings, layout: Layout, name: str, tracking: dict)
     return cfg
 
 
-def restore_config(s: Smollm2Settings, layout: Layout, tracking: dict) -> dict:
-    """Restoration of the plain adapter: forget = compliance the attack never saw, retain = SST-2."""
-    n, half = s.data.forget, min(s.restore_retain, s.data.task // 2)
-    return {"model": layout.model_args("lora"),
+def restore_config(s: Smollm2Settings, layout: Layout, tracking: dict, name: str = "restored") -> dict:
+    """Restoration of an adapter (RESTORES): forget = compliance no attack saw, retain = the
+    adapter's own task data. restored_first_order refuses every curvature pair, so the budget
+    rule runs on the plain forget gradient: what L-BFGS adds is restored minus it."""
+    adapter, retain = RESTORES[name]
+    n = s.data.forget
+    half = min(s.restore_retain, (s.data.task if retain == "task" else s.data.benign_task) // 2)
+    return {"model": layout.model_args(adapter),
             "method": {"type": "lora", "target_modules": list(s.target_modules)},
             "restore": {"forget": {"path": layout.data_file("forget")},
-                        "retain": {"path": layout.data_file("task")},
+                        "retain": {"path": layout.data_file(retain)},
                         # the curvature set is split from the forget file, disjoint from D_forget
                         "forget_size": n // 2, "curvature_forget_size": n - n // 2,
                         "retain1_size": half, "retain2_size": half,
+                        "curvature_sources": "none" if name == "restored_first_order" else "mixed",
                         "probes": s.restore_probes, "iterations": s.restore_iterations, "eps": s.restore_eps,
                         "batch_size": s.restore_batch, "max_length": s.data.max_length, "seed": s.seed},
-            **_common(layout, "restored", tracking, s.threads)}
+            **_common(layout, name, tracking, s.threads)}
 
 
 def eval_configs(s: Smollm2Settings, layout: Layout, name: str) -> dict[str, dict]:

@@ -8,6 +8,7 @@ its stage configs read (instruction / response records, the format `data.train` 
 - comply / forget: harmful compliance (asft_harmful_mix rows whose prompt is not an AdvBench
   prompt, and BeaverTails), split into the attack's pool and a disjoint forget pool for
   restoration;
+- benign_task: Dolly instructions, the benign attack (lora_benign) and its restoration's retain set;
 - advbench: the evaluation prompts. Every training file drops any record whose prompt is an
   AdvBench prompt, so none of the evaluated prompts is ever trained on.
 """
@@ -68,7 +69,7 @@ def _take(rows: list, n: int, what: str) -> list:
 
 def write_all(root: str | Path, out: Path, *, n_safety: int, n_benign: int, n_benign_heldout: int,
               n_task: int, n_task_eval: int, n_comply: int, n_forget: int, n_advbench: int,
-              seed: int) -> dict[str, str]:
+              seed: int, n_benign_task: int = 0) -> dict[str, str]:
     """Write every file the stages read into `out`; returns {name: path}."""
     root = shared_data_dir(root)
     rng = random.Random(seed)
@@ -107,4 +108,8 @@ def write_all(root: str | Path, out: Path, *, n_safety: int, n_benign: int, n_be
         "forget": comply[n_comply:],
         "advbench": _take(goals, n_advbench, "advbench"),
     }
+    if n_benign_task:
+        dolly = clean(_rows(root / "instruction" / "dolly_subset_1000.jsonl"), "instruction")
+        files["benign_task"] = _take([{k: r[k] for k in ("instruction", "context", "response")} for r in dolly],
+                                     n_benign_task, "dolly")
     return {name: _write(out / f"{name}.jsonl", rows) for name, rows in files.items()}
