@@ -160,13 +160,13 @@ def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) ->
         raise ConfigError([f"stages: {', '.join(sorted(wanted))} read the output of {', '.join(missing)}, "
                            "which is neither listed nor finished in this folder"])
     write_data()
-    build = {"base": setup,
+    builders = {"base": setup,
              "aligned": lambda: train("aligned", smollm2.aligned_config(s, layout, tracking)),
              "safe-lora": safe_lora}
     for name in ("lora", "asft", "l2", "lora_benign"):
-        build[name] = lambda name=name: train(name, smollm2.attack_config(s, layout, name, tracking))
+        builders[name] = lambda name=name: train(name, smollm2.attack_config(s, layout, name, tracking))
     for name in smollm2.RESTORES:
-        build[name] = lambda name=name: job("restore", smollm2.restore_config(s, layout, tracking, name))["mlflow_run_id"]
+        builders[name] = lambda name=name: job("restore", smollm2.restore_config(s, layout, tracking, name))["mlflow_run_id"]
     # Training stages first, restorations last: each restoration reads a finished adapter.
     order = ["base", "aligned", "lora", "asft", "l2", "lora_benign", "safe-lora", *smollm2.RESTORES]
     for name in (n for n in order if n in wanted):
@@ -175,7 +175,7 @@ def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) ->
             move_aside(layout.stage(name), [])
         if name in ("asft", "l2", "safe-lora"):
             basis()
-        stage(name, build[name])
+        stage(name, builders[name])
     return progress
 
 

@@ -137,10 +137,11 @@ def test_full_parameter_restoration_in_bf16_matches_fp32(tmp_path, tiny_model_di
     assert [r["accepted"] for r in bf16] == [r["accepted"] for r in fp32]
     for key in ("forget_loss", "retain_loss"):
         assert relative_gap([r[key] for r in bf16], [r[key] for r in fp32]) < 5e-5, key
-    assert relative_gap([r["predicted_change"] for r in bf16], [r["predicted_change"] for r in fp32]) < 0.02
+    assert relative_gap([r["predicted_retain_change"] for r in bf16],
+                        [r["predicted_retain_change"] for r in fp32]) < 0.02
     assert relative_gap(zero3_summary["pairs"]["curvatures"], curv) < 1e-3
     for key in ("forget_loss", "retain_loss"):
         assert [r[key] for r in zero3] == pytest.approx([r[key] for r in bf16], rel=1e-5), key
-    for out in ("restore-bfloat16-0", "restore-bfloat16-3"):  # exported in model.dtype
+    for out in ("restore-bfloat16-0", "restore-bfloat16-3"):  # exported from the fp32 weights it computed
         weights = load_file(tmp_path / out / "model" / "model.safetensors")
-        assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+        assert {t.dtype for t in weights.values()} == {torch.float32}

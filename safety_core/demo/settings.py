@@ -103,10 +103,11 @@ class Restore(Section):
     iterations: int = 3
     eps: float = 0.05
     eta: float = 1.0
-    delta: float = 1.0
+    max_step: float = 0.5
+    delta: float | None = None
     mu: float = 0.1
     refresh_pairs: bool = False
-    curvature_sources: str = Field("mixed", pattern="^(mixed|retain|forget)$")
+    curvature_sources: str = Field("mixed", pattern="^(mixed|retain|forget|none)$")
     batch_size: int = 16
 
 

@@ -1,6 +1,7 @@
 """The `restore:` config section (DESIGN.md, "Restoration"). Defaults are the paper's except
-`mu` (the paper regularises but gives no value: safebasin's choice) and `delta` / `eta`
-(safebasin's; README's table marks which is which)."""
+`mu` (the paper regularises but gives no value: safebasin's choice) and `max_step` / `eta` /
+`delta` (safebasin's; README's table marks which is which). The step length is not a setting:
+it is the one the budget eps allows under the quadratic model (policy.py)."""
 
 from __future__ import annotations
 
@@ -32,19 +33,28 @@ class RestoreArgs(Section):
     pair_threshold: float = Field(1e-6, description="a pair is kept iff the reduced <s, y> exceeds this")
     probes: int = Field(30, ge=1, description="probe batches per pair collection, cycling "
                         "the sets curvature_sources names")
-    curvature_sources: Literal["mixed", "retain", "forget"] = Field(
+    curvature_sources: Literal["mixed", "retain", "forget", "none"] = Field(
         "mixed", description="where the curvature pairs come from: mixed (the paper's) cycles "
-        "D_curv_forget, D_retain1, D_retain2; retain only D_retain1, D_retain2; forget only D_curv_forget")
+        "D_curv_forget, D_retain1, D_retain2; retain only D_retain1, D_retain2; forget only D_curv_forget; "
+        "none collects no pair: the first-order control (the direction is the forget gradient, its "
+        "curvature measured along each accepted step)")
     eta_c: float = Field(1e-2, gt=0, description="probe step: s = -eta_c * batch gradient")
     iterations: int = Field(3, ge=1)
-    eps: float = Field(0.1, description="retain tolerance: accept iff L_retain <= L_retain(theta_ft) + eps")
+    eps: float = Field(0.1, gt=0, description="retain budget: accept iff L_retain <= L_retain(theta_ft) + eps; "
+                       "the steps are sized to use it")
     # The paper iterates "with L2 regularization" but states no strength. 0.1 (safebasin's
     # choice): on the demo organism the pull back is then 1-7% of the forget gradient after
     # moves of 0.2-1.0 (1.0 made it 15-70%, a second objective): benchmarks/RESULTS.md.
     mu: float = Field(0.1, ge=0, description="L2 pull back to theta_ft in the direction")
-    eta: float = Field(1.0, gt=0, description="step scale: p = eta * d before clipping")
-    delta: float = Field(1.0, gt=0, description="initial trust radius (L2 norm of the step)")
-    max_retries: int = Field(5, ge=0, description="retries after a rejected step, per iteration")
+    eta: float = Field(1.0, gt=0, description="share of the budget-sized step taken first: t = eta * t*, "
+                       "t* the length at which the predicted retain change uses the budget left")
+    max_step: float = Field(0.5, gt=0, description="initial trust radius: the largest step norm relative "
+                            "to the norm of the trainable parameters (||p|| <= max_step ||theta||)")
+    delta: float | None = Field(None, gt=0, description="an absolute cap on the first step's L2 norm, in "
+                                "parameter units (before the budget rule it was the initial radius; its "
+                                "meaning changes with the model: prefer max_step)")
+    max_retries: int = Field(5, ge=0, description="backtracking tries after a rejected step, per iteration "
+                             "(each at most half the last)")
     refresh_pairs: bool = Field(False, description="re-collect the pairs at the current parameters "
                                 "before every iteration after the first")
     batch_size: int = Field(8, ge=1, description="examples per global batch (split over ranks)")

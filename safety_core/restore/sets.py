@@ -25,7 +25,8 @@ class RestoreSets:
         """The sets the curvature probes cycle over for restore.curvature_sources."""
         by_source = {"mixed": [self.curvature_forget, self.retain1, self.retain2],
                      "retain": [self.retain1, self.retain2],
-                     "forget": [self.curvature_forget]}
+                     "forget": [self.curvature_forget],
+                     "none": []}
         if sources not in by_source:
             raise ValueError(f"restore.curvature_sources must be one of {sorted(by_source)}, got {sources!r}")
         return by_source[sources]

@@ -239,7 +239,7 @@ def build_space(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds
     (8 bits) would dominate, and probe steps s = -eta_c g below a weight's last bf16 bit would
     vanish. The cost is an fp32 copy of the weights: 4 bytes per parameter replicated on
     every rank under ZeRO 0-2, 4 / world under ZeRO-3 (the path for large models). The result
-    is exported in model.dtype."""
+    is exported in fp32 (loop.py says why)."""
     device = rank_device()
     config = _ds_config(ds_args, args, model_args, world)
     stage = zero_stage(config)

@@ -129,7 +129,9 @@ def make_trainable(model, method: MethodArgs):
 def export(model, tokenizer, out_dir: str | Path, *, zero3: bool, is_rank0: bool,
            dtype: str | None = None) -> Path | None:
     """Write the trained result: a PEFT adapter folder for LoRA, safetensors weights otherwise;
-    parameters cast to `dtype` (a model.dtype name) when given.
+    full weights cast to `dtype` (a model.dtype name) when given. Adapter weights keep the dtype
+    they were trained in (fp32: PEFT keeps them so under a bf16 model), since an update rounded
+    to bf16 is not the update that was measured.
 
     Under ZeRO-3 every rank must call this: parameters are gathered one at a time (collective)
     and only rank 0 keeps and writes them, so no rank ever holds two copies of the model.
@@ -141,7 +143,7 @@ def export(model, tokenizer, out_dir: str | Path, *, zero3: bool, is_rank0: bool
     state = gather_state(model, names, zero3=zero3, keep=is_rank0)
     if not is_rank0:
         return None
-    if dtype is not None:
+    if dtype is not None and not is_peft:
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
         model.config.dtype = DTYPES[dtype]  # what config.json tells a loader
     # Written into a sibling folder and renamed into place: a job stopped mid-export (SIGTERM, a
