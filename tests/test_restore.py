@@ -299,7 +299,18 @@ def test_the_export_carries_the_restoration(tmp_path, tiny_model_dir, adapter_di
     from safebasin.launcher.config import load_config
     from safebasin.launcher.entry import run_restore
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    path = write_config(tmp_path / "cfg.yaml", tiny_model_dir, adapter_dir if kind == "lora" else None,
+    base = tiny_model_dir
+    if dtype == "bfloat16":
+        # A base whose weights bf16 holds exactly: restoration starts from the bf16-rounded model,
+        # and the adapter's reload (fp32, as PEFT keeps adapters) then sees the same base weights.
+        import shutil
+        from safetensors.torch import load_file, save_file
+        base = tmp_path / "base-bf16-exact"
+        shutil.copytree(tiny_model_dir, base)
+        weights = load_file(base / "model.safetensors")
+        save_file({k: v.bfloat16().float() if v.is_floating_point() else v for k, v in weights.items()},
+                  base / "model.safetensors", metadata={"format": "pt"})
+    path = write_config(tmp_path / "cfg.yaml", base, adapter_dir if kind == "lora" else None,
                         tmp_path / "out", iterations=1, probes=3, eps=0.01)
     raw = yaml.safe_load(path.read_text())
     raw["model"]["dtype"] = dtype
