@@ -7,7 +7,9 @@ ranks never see a bad config.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import sys
 from pathlib import Path
 
 from safebasin.launcher.config import JobConfig, load_config
@@ -120,17 +122,30 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config)
     apply_threads(cfg.runtime)
     run_rank_command(args.command, cfg, args.resume)
-    _leave_group()
+    if _leave_group() > 1:
+        # Everything is written by now (results, checkpoints, the MLflow run ended and
+        # acknowledged). Interpreter finalisation would next destroy what DeepSpeed keeps alive
+        # in reference cycles and C++ statics (gloo groups cloned from the world, their threads)
+        # after the peer has closed its sockets: where that aborted ('terminate called without
+        # an active exception', exit 134), a job whose every step had finished failed. A rank
+        # of a multi-rank job therefore ends here, without finalisation.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
-def _leave_group() -> None:
-    """Ranks leave together and close the group before the interpreter exits: a rank that exits
-    while a peer still talks to it, or with gloo's threads alive, can abort in C++ teardown
-    ('terminate called without an active exception') after its work was done."""
+def _leave_group() -> int:
+    """Ranks leave together and close every group (the default one and all DeepSpeed made from
+    it) before the interpreter exits: a rank that exits while a peer still talks to it can abort
+    in C++ teardown after its work was done. Returns the world size it left (1 if none)."""
     import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return 1
+    world = dist.get_world_size()
+    dist.barrier()
+    gc.collect()  # engines and partitioned parameters released while the groups still exist
+    dist.destroy_process_group()  # no argument: every group, not only the default one
+    return world
 
 
 if __name__ == "__main__":
