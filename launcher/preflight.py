@@ -171,7 +171,7 @@ def module_problems(cfg: JobConfig, command: str) -> list[str]:
             if target != "all-linear" and not any(m == target or m.endswith("." + target) for m in shapes):
                 problems.append(f"method.target_modules: {target!r} matches no module of {cfg.model.path} "
                                 f"(its linear modules end in {', '.join(ends)})")
-    if cfg.anchor is not None and command == "train":
+    if cfg.anchor is not None and cfg.anchor.basis is not None and command == "train":
         problems += _basis_problems(cfg, shapes, trains_new_lora)
     return problems
 
@@ -179,13 +179,17 @@ def module_problems(cfg: JobConfig, command: str) -> list[str]:
 def _basis_problems(cfg: JobConfig, shapes: dict, trains_new_lora: bool) -> list[str]:
     from safebasin.safety_core.anchor.basis import load_basis
     basis = load_basis(cfg.anchor.basis)
-    wrong, absent = [], []
-    for name, info in basis.manifest["layers"].items():
-        hits = [m for m in shapes if m == name or m.endswith("." + name) or name.endswith("." + m)]
-        if not hits:
-            absent.append(name)
-        elif list(shapes[hits[0]]) != list(info["shape"]):
-            wrong.append(f"{name} is {list(info['shape'])} in the basis, {list(shapes[hits[0]])} in the model")
+    # The rule training uses (Basis.match), so preflight and the anchor never disagree on which
+    # module a basis layer belongs to.
+    matched: dict[str, list[str]] = {}
+    for module in shapes:
+        name = basis.match(module)
+        if name is not None:
+            matched.setdefault(name, []).append(module)
+    absent = [name for name in basis.names if name not in matched]
+    wrong = [f"{name} is {list(basis.manifest['layers'][name]['shape'])} in the basis, {list(shapes[m])} in the model"
+             for name, modules in matched.items() for m in modules
+             if list(shapes[m]) != list(basis.manifest["layers"][name]["shape"])]
     problems = []
     if absent:
         problems.append(f"anchor.basis {cfg.anchor.basis}: {len(absent)} of its {len(basis.names)} layers are "

@@ -580,3 +580,23 @@ def test_zero3_two_ranks_match_autograd_for_each_new_variant(train_run, method, 
     autograd, _ = train_run(method, 2, LAMBDA, variant=variant)
     assert_same_run(two, autograd)
     assert two[-1]["anchor_penalty"] > 0
+
+
+def test_departure_from_l2_is_the_largest_gap_in_any_direction():
+    """(1 - c)^2 against L2's 1: the gap is |2 c - c^2|. A direction with c = 2.5 makes the anchor
+    stronger than L2 there (gap 1.25), which the layer maximum's 2 m - m^2 would call negative,
+    i.e. near L2."""
+    from safebasin.safety_core.anchor.variants import strength
+    line, warning = strength("safelora", 1.0, [torch.tensor([2.5, 0.01])], [16])
+    assert warning is None and "125.0%" in line
+    line, warning = strength("safelora", 1.0, [torch.tensor([0.01, 0.005])], [16])
+    assert warning is not None and "2.0%" in line
+
+
+def test_l2_without_a_basis_passes_preflight_on_a_local_model(tmp_path, tiny_model_dir):
+    """anchor.variant l2 needs no basis: preflight must not try to open one."""
+    from safebasin.launcher.preflight import check_inputs
+    cfg = build({"model": {"path": str(tiny_model_dir)}, "method": {"type": "lora"},
+                 "data": {"train": {"path": "builtin:task"}}, "anchor": {"variant": "l2", "lambda": 1},
+                 "output": {"dir": str(tmp_path / "out")}})
+    check_inputs(cfg, "train")

@@ -85,9 +85,11 @@ def strength(variant: str, lam: float, cs: list[torch.Tensor], dims: list[int]) 
     if variant == "aligned":
         return (f"{head}; penalty weight per direction c_i^2 inside the span (lambda x c^2 up to "
                 f"{lam * c_max ** 2:.3g}), 0 outside it"), None
-    departure = max(2 * m - m * m for m in maxima)
+    # The penalty's weight per direction is (1 - c)^2 against L2's 1: the largest gap is
+    # max_i |2 c_i - c_i^2| over every direction (c > 2 makes the anchor stronger than L2 there).
+    departure = max((float((2 * c - c * c).abs().max()) for c in cs if c.numel()), default=0.0)
     line = (f"{head}; penalty weight per direction (1 - c_i)^2 inside the span, 1 outside it: at most "
-            f"{departure:.1%} away from plain L2 (lambda ||DeltaW||^2) in any direction")
+            f"{departure:.1%} away from plain L2 (lambda ||DeltaW||^2) in any direction, max_i |2 c_i - c_i^2|")
     if departure < NEAR_L2:
         return line, (f"anchor {variant}: c_max = {c_max:.3g}, so the penalty is within {departure:.1%} of plain L2 "
                       f"shrinkage (lambda ||DeltaW||^2) in every direction and cannot steer the update toward the "
