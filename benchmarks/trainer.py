@@ -27,7 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SIDES = Path(__file__).resolve().parent / "trainer_sides"
 WARM = 5  # steps left out of the steady-state rate (first forward, allocator, lazy imports)
-ALPACA = Path("/work/shared/data/instruction/alpaca_subset_1000.jsonl")
+# ../shared/data beside the repository, or SAFEBASIN_SHARED_DATA (as the tests resolve it).
+ALPACA = Path(os.environ.get("SAFEBASIN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+              ) / "instruction" / "alpaca_subset_1000.jsonl"
 
 
 def base_config(model: str, steps: int, out: Path, stage: int, **extra) -> dict:

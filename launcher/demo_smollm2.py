@@ -200,6 +200,26 @@ def _settings_problem(settings, folder: Path) -> str | None:
     return None
 
 
+def _resumed_seeds(folder: Path, asked: list[int] | None) -> list[int]:
+    """The seeds a resumed folder was started with (its marker, or the seeds its results name for
+    a folder from before the marker recorded them); other seeds asked for are refused, so a
+    resume never writes a one-seed result over a several-seed one."""
+    saved = json.loads((folder / MARKER).read_text())
+    recorded = saved.get("seeds")
+    if recorded is None and (folder / "results.json").is_file():
+        recorded = json.loads((folder / "results.json").read_text()).get("seeds")
+    if recorded is None:  # an older folder that never finished: its one seed is in the settings
+        recorded = [saved["settings"].get("seed", 0)] if not any(folder.glob("seed*/")) else None
+    if recorded is None:
+        raise ConfigError([f"--resume: {folder} holds seed folders but records no seed list; pass --seeds"])
+    recorded = [int(x) for x in recorded]
+    if asked is not None and asked != recorded:
+        raise ConfigError([f"--resume: {folder} was started with --seeds {','.join(map(str, recorded))}; "
+                           f"--seeds {','.join(map(str, asked))} would change its layout (resume without "
+                           f"--seeds, or start another --out)"])
+    return recorded
+
+
 def _result(settings, per_seed: dict, seconds: dict, run_ids: dict, out: Path, runs: DemoRuns, uri: str,
             extra: dict) -> dict:
     """results.json of several seeds (or one): mean and sd per stage, the targets on the means,
@@ -232,7 +252,8 @@ def run(settings, seeds: list[int], out: Path, log=print, *, resume: bool = Fals
     t_start = time.perf_counter()
     torch.set_num_threads(settings.threads)
     if not resume:
-        (out / MARKER).write_text(json.dumps({"safebasin_demo": 1, "organism": "smollm2",
+        # The seed layout is recorded: a resume continues these seeds in these folders.
+        (out / MARKER).write_text(json.dumps({"safebasin_demo": 1, "organism": "smollm2", "seeds": seeds,
                                               "settings": settings.model_dump(by_alias=True)}, indent=2))
     uri = TrackingArgs().resolved_uri()
     tracking = {"experiment": EXPERIMENT, "uri": uri}
@@ -313,6 +334,7 @@ def cmd(args) -> int:
         problem = _settings_problem(settings, out)
         if problem:
             raise ConfigError([f"--resume: {problem}"])
+        seeds = _resumed_seeds(out, parse_seeds(args.seeds))
         result = run(settings, seeds, out, resume=True)
     else:
         result = run(settings, seeds, prepare_folder(out, args.overwrite))

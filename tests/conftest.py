@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = next((p for p in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if p.exists()), None)
+# ../shared/data beside the clone, or where SAFEBASIN_SHARED_DATA points (a clone elsewhere).
+SHARED_DATA = next((p for p in (Path(os.environ.get("SAFEBASIN_SHARED_DATA", REPO.parent / "shared" / "data")),)
+                    if p.exists()), None)
 
 # Every test process (and the ranks it starts) runs DeepSpeed on the CPU accelerator.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -122,3 +122,22 @@ def test_combine_never_writes_into_a_folder_it_reads(tmp_path):
                         cwd=tmp_path)
     assert res.returncode != 0 and "--combine folder" in res.stderr
     assert (a / "results.json").read_text() == before
+
+
+def test_resume_keeps_the_seed_layout(tmp_path):
+    """A resume with other seeds than the folder was started with is refused, naming both; a
+    several-seed folder records its seeds, so a one-seed result never replaces its results."""
+    from safebasin.launcher.demo import MARKER
+    from safebasin.launcher.demo_smollm2 import _resumed_seeds
+    settings = load_settings(False, [])
+    one = _finished_seed(tmp_path / "one", settings, 0, 0.4)
+    assert _resumed_seeds(one, None) == [0]
+    with pytest.raises(ConfigError, match="started with --seeds 0; --seeds 1"):
+        _resumed_seeds(one, [1])
+    several = tmp_path / "several"
+    several.mkdir()
+    (several / MARKER).write_text(json.dumps({"organism": "smollm2", "seeds": [0, 1, 2],
+                                              "settings": settings.model_dump(by_alias=True)}))
+    assert _resumed_seeds(several, None) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="started with --seeds 0,1,2"):
+        _resumed_seeds(several, [0])
