@@ -541,6 +541,15 @@ def test_manifest_records_the_anchor_scale(aligned_pair, safelora_basis_dir):
     assert info["c_max"] == pytest.approx(float(c.max())) and info["c_median"] == pytest.approx(float(c.median()))
     sigma1 = float(torch.linalg.svdvals(V)[0])
     assert info["c_max"] == pytest.approx(sigma1 ** 2 / float(V.norm()), rel=1e-5)
+    assert info["c_sum"] == pytest.approx(float(c.sum()), rel=1e-6)
+    assert info["l2_gap"] == pytest.approx(float((2 * c - c * c).abs().max()), rel=1e-6)
+    # The same numbers, from the c the penalty uses, go with the first step's metrics.
+    reg = AnchorRegularizer(AnchorArgs(basis=str(safelora_basis_dir)), peft_model(base), {"zero_optimization": {"stage": 0}})
+    row = reg.strengths[name]
+    assert row["c_max"] == pytest.approx(info["c_max"]) and row["l2_gap"] == pytest.approx(info["l2_gap"], rel=1e-6)
+    from safebasin.safety_core.anchor.variants import strength_summary
+    first = strength_summary(reg.strengths)
+    assert first["anchor_l2_gap"] == pytest.approx(max(r["l2_gap"] for r in reg.strengths.values()))
 
 
 def test_a_small_alignment_delta_warns_that_the_anchor_is_near_l2(tmp_path, aligned_pair, capsys):

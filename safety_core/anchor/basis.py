@@ -233,7 +233,9 @@ def layer_basis(name: str, v: torch.Tensor, variant: str, rank: int | None,
     # shrinks with the alignment delta, and with c_max << 1 the penalty is about plain L2.
     info = {"shape": list(v.shape), "k": k, "rank": r,
             "captured_share": float(energy[:k].sum() / total), "fro_norm": fro,
-            "c_max": float(c.max()), "c_median": float(c.median()),
+            "c_max": float(c.max()), "c_median": float(c.median()), "c_sum": float(c.sum()),
+            # the largest gap between the safelora penalty's weight (1 - c)^2 and L2's 1
+            "l2_gap": float((2 * c - c * c).abs().max()),
             "spectrum_complete": complete}
     return LayerBasis(name, u[:, :k].contiguous().float(), c.contiguous(), tuple(v.shape)), s.float(), info
 

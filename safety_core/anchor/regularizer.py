@@ -151,9 +151,15 @@ class AnchorRegularizer:
                                  f"{args.basis} (basis layers look like {self.basis.names[:3]})")
             self.coverage = variants.announce_coverage(model, [layer.shape for layer in self.layers])
             self._coverage_pending = True
+        # Named as the basis names its layers (the manifest's keys), the model's path without one.
+        names = [(self.basis.match(layer.name) if self.basis is not None else None) or layer.name
+                 for layer in self.layers]
+        cs = [layer.c for layer in self.layers]
+        # The anchor's strength per layer, printed now and logged with the first step.
+        self.strengths = variants.layer_strengths(names, cs)
+        self._strength_pending = True
         if not dist.is_initialized() or dist.get_rank() == 0:
-            variants.announce(self.variant, self.lam, [layer.c for layer in self.layers],
-                              [layer.U.shape[0] for layer in self.layers])
+            variants.announce(self.variant, self.lam, cs, [layer.U.shape[0] for layer in self.layers], names)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -228,6 +234,9 @@ class AnchorRegularizer:
         if self._coverage_pending:
             metrics["anchor_coverage"] = self.coverage
             self._coverage_pending = False
+        if self._strength_pending:
+            metrics.update(variants.strength_summary(self.strengths))
+            self._strength_pending = False
         return metrics
 
     def _ones(self, layer: _Layer) -> torch.Tensor:

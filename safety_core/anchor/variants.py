@@ -98,10 +98,30 @@ def strength(variant: str, lam: float, cs: list[torch.Tensor], dims: list[int]) 
     return line, None
 
 
-def announce(variant: str, lam: float, cs: list[torch.Tensor], dims: list[int]) -> None:
-    """Print the strength summary and raise AnchorScaleWarning when it has a warning."""
+def layer_strengths(names: list[str], cs: list[torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per anchored layer, from the c its penalty uses: c_max, sum of c, and the largest gap
+    between the penalty's weight per direction, (1 - c_i)^2, and plain L2's 1: max_i |2 c_i - c_i^2|."""
+    return {name: {"c_max": float(c.max()) if c.numel() else 0.0, "c_sum": float(c.sum()),
+                   "l2_gap": float((2 * c - c * c).abs().max()) if c.numel() else 0.0}
+            for name, c in zip(names, cs)}
+
+
+def strength_summary(per_layer: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The metrics logged with the first step: each per-layer number's maximum over layers."""
+    return {f"anchor_{key}": max((row[key] for row in per_layer.values()), default=0.0)
+            for key in ("c_max", "c_sum", "l2_gap")}
+
+
+def announce(variant: str, lam: float, cs: list[torch.Tensor], dims: list[int],
+             names: list[str] | None = None) -> None:
+    """Print the strength summary (and, given the layer names, one line per layer) and raise
+    AnchorScaleWarning when it has a warning."""
     line, warning = strength(variant, lam, cs, dims)
     print(f"[safebasin] {line}", flush=True)
+    if names is not None and variant != "l2":
+        for name, row in layer_strengths(names, cs).items():
+            print(f"[safebasin]   {name}: c_max {row['c_max']:.3g}, sum c {row['c_sum']:.3g}, "
+                  f"max |2c - c^2| {row['l2_gap']:.3g}", flush=True)
     if warning:
         warnings.warn(warning, AnchorScaleWarning, stacklevel=3)
 
