@@ -21,14 +21,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/safebasin demo
 
-# pytest's own script, not `python -m pytest`: that puts the repository root on sys.path, where
-# the `kernels/` folder (safebasin.kernels) shadows Hugging Face's `kernels` package, which
-# transformers 5 imports.
 test: setup
-	$(VENV)/bin/pytest -q -ra
+	$(PY) -m pytest -q -ra
 
 test-fast: setup
-	$(VENV)/bin/pytest -q -ra -m "not multiproc and not realmodel"
+	$(PY) -m pytest -q -ra -m "not multiproc and not realmodel"
 
 bench: setup
 	$(PY) benchmarks/kernels.py

@@ -146,6 +146,17 @@ def test_curvature_sources_pick_the_probe_sets():
         sets.curvature_sets("all")
 
 
+def test_truncated_sets_are_counted_and_a_large_loss_refused(tiny_model_dir):
+    from safebasin.safety_core.restore.sets import build_sets
+    from safebasin.safety_core.train.modeling import ModelArgs, load_tokenizer
+    tokenizer = load_tokenizer(ModelArgs(path=str(tiny_model_dir)))
+    args = RestoreArgs(**{**RESTORE, "max_length": 96})
+    sizes = build_sets(args, tokenizer).sizes()
+    assert sizes["forget"] + sizes["forget_dropped"] == RESTORE["forget_size"]
+    with pytest.raises(DataError, match=r"forget: \d+ of 16.*max_dropped_share=0.1"):
+        build_sets(RestoreArgs(**{**RESTORE, "max_length": 24}), tokenizer)
+
+
 def update_radius(radius, relative_step, rho, accepted, capped):
     return TrustRegion(radius).update(relative_step, rho, accepted, capped)
 

@@ -8,7 +8,7 @@ its stage configs read (instruction / response records, the format `data.train` 
 - comply / forget: harmful compliance (asft_harmful_mix rows whose prompt is not an AdvBench
   prompt, and BeaverTails), split into the attack's pool and a disjoint forget pool for
   restoration;
-- benign_task: Dolly instructions, the benign attack (lora_benign) and its restoration's retain set;
+- benign_task: Dolly instructions without a context passage, the benign attack (lora_benign) and its restoration's retain set;
 - advbench: the evaluation prompts. Every training file drops any record whose prompt is an
   AdvBench prompt, so none of the evaluated prompts is ever trained on.
 """
@@ -109,7 +109,11 @@ def write_all(root: str | Path, out: Path, *, n_safety: int, n_benign: int, n_be
         "advbench": _take(goals, n_advbench, "advbench"),
     }
     if n_benign_task:
-        dolly = clean(_rows(root / "instruction" / "dolly_subset_1000.jsonl"), "instruction")
-        files["benign_task"] = _take([{k: r[k] for k in ("instruction", "context", "response")} for r in dolly],
-                                     n_benign_task, "dolly")
+        # Records without a context passage: with one, the prompt alone often fills max_length
+        # (128 tokens: 16 of 64 retain examples lost their whole response), and the attack and
+        # restoration would silently train on fewer records than asked.
+        dolly = clean([r for r in _rows(root / "instruction" / "dolly_subset_1000.jsonl") if not r.get("context")],
+                      "instruction")
+        files["benign_task"] = _take([{k: r[k] for k in ("instruction", "response")} for r in dolly],
+                                     n_benign_task, "dolly (records without context)")
     return {name: _write(out / f"{name}.jsonl", rows) for name, rows in files.items()}

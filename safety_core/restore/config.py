@@ -59,5 +59,8 @@ class RestoreArgs(Section):
                                 "before every iteration after the first")
     batch_size: int = Field(8, ge=1, description="examples per global batch (split over ranks)")
     max_length: int = Field(512, ge=8)
+    max_dropped_share: float = Field(0.1, ge=0, le=1, description="largest share of a set's examples whose "
+                                     "response max_length may truncate away entirely (they are dropped and "
+                                     "counted); more is refused")
     system_prompt: str | None = None
     seed: int = 0

@@ -4,7 +4,7 @@ split deterministically by seed and encoded with response-only labels."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from safebasin.safety_core.restore.config import RestoreArgs
 from safebasin.safety_core.train import data as data_lib
@@ -17,9 +17,12 @@ class RestoreSets:
     curvature_forget: list[dict]
     retain1: list[dict]
     retain2: list[dict]
+    # examples drawn for a set whose response max_length truncated away entirely (no loss token)
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
-        return {k: len(v) for k, v in self.__dict__.items()}
+        sizes = {k: len(v) for k, v in self.__dict__.items() if k != "dropped"}
+        return {**sizes, **{f"{k}_dropped": n for k, n in self.dropped.items()}}
 
     def curvature_sets(self, sources: str) -> list[list[dict]]:
         """The sets the curvature probes cycle over for restore.curvature_sources."""
@@ -60,14 +63,18 @@ def build_sets(args: RestoreArgs, tokenizer) -> RestoreSets:
     retain1, retain2 = _split(data_lib.load_conversations(args.retain, args.system_prompt),
                               [args.retain1_size, args.retain2_size], ["retain1_size", "retain2_size"],
                               args.retain, args.seed + 1)
-    encoded = {name: data_lib.encode_all(tokenizer, convs, args.max_length)
-               for name, convs in (("forget", forget), ("curvature_forget", curv),
-                                   ("retain1", retain1), ("retain2", retain2))}
-    empty = [name for name, ex in encoded.items() if not ex]
-    if empty:
-        raise DataError(f"restore: no example of {empty} keeps a response token within "
-                        f"max_length={args.max_length}")
-    return RestoreSets(**encoded)
+    drawn = {"forget": forget, "curvature_forget": curv, "retain1": retain1, "retain2": retain2}
+    encoded = {name: data_lib.encode_all(tokenizer, convs, args.max_length) for name, convs in drawn.items()}
+    dropped = {name: len(drawn[name]) - len(ex) for name, ex in encoded.items()}
+    # A set never shrinks unannounced: every drop is counted in the sizes, and a set that lost
+    # more than max_dropped_share is refused with its numbers.
+    shrunk = [f"{name}: {n} of {len(drawn[name])}" for name, n in dropped.items()
+              if n > args.max_dropped_share * len(drawn[name])]
+    if shrunk:
+        raise DataError(f"restore: max_length={args.max_length} truncates the whole response of too many "
+                        f"examples ({'; '.join(shrunk)}; restore.max_dropped_share={args.max_dropped_share}); "
+                        f"raise restore.max_length or max_dropped_share")
+    return RestoreSets(**encoded, dropped=dropped)
 
 
 def batches(examples: list[dict], size: int) -> list[list[dict]]:

@@ -21,7 +21,7 @@ energies when the update lies mostly in span(U).
 
 The math is written once here over "pieces" (U^T Y, the row moments of X, ...) that stream
 the large operands; each piece exists as a Triton kernel (triton_anchor) and a PyTorch
-reference (torch_anchor), and kernels/backend.py picks one per call. The LoRA form reads U and
+reference (torch_anchor), and safebasin_kernels/backend.py picks one per call. The LoRA form reads U and
 B twice and A once forward, U, B and A once more backward (U^T X, taken with X^T X in the
 same pass, saves the backward a reduction over rows).
 
@@ -156,7 +156,7 @@ def anchor_penalty(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.T
     """||(I - U diag(c) U^T) B A||_F^2 (region "outside"; with k = 0 plain ||B A||_F^2) or
     ||U diag(c) U^T B A||_F^2 (region "inside") for B (d_out x r), A (r x d_in); differentiable
     in B and A (closed-form backward). Triton for CUDA tensors, the reference otherwise
-    (kernels/backend.py)."""
+    (safebasin_kernels/backend.py)."""
     _check_lora(B, A, U, c, region)
     ops = _pieces(B, A, U, c, unsupported=backend.rank_limit(B.shape[1]))
     return _lora(B, A, U, c, ops, region)

@@ -1,5 +1,5 @@
 """PyTorch reference pieces of the anchor penalty: the CPU path and the ground truth the Triton
-pieces (kernels/triton_anchor.py, same names and contracts) are tested against.
+pieces (safebasin_kernels/triton_anchor.py, same names and contracts) are tested against.
 
 Arithmetic runs in fp32 for half-precision inputs; fp64 stays fp64.
 """

@@ -1,4 +1,4 @@
-"""Triton kernels for the two-loop recursion's memory-bound parts (contracts: kernels/lbfgs_ops.py).
+"""Triton kernels for the two-loop recursion's memory-bound parts (contracts: safebasin_kernels/lbfgs_ops.py).
 
 multi_dot: each program reads its columns of v once and the same columns of all n history rows,
 so the whole buffer and v are read exactly once (separate dots read v n times).

@@ -1,4 +1,4 @@
-"""Triton pieces of the anchor penalty (same names and contracts as kernels/torch_anchor.py).
+"""Triton pieces of the anchor penalty (same names and contracts as safebasin_kernels/torch_anchor.py).
 
 Every piece streams its large operands once and returns fp32 results; inputs may be fp32,
 bf16 or fp16 and any 2-D strides (no copy). Reductions over rows are written as one partial

@@ -1,6 +1,6 @@
 """Memory-bound pieces of the L-BFGS two-loop recursion, each one pass over the history rows:
-a Triton kernel for CUDA tensors (kernels/triton_lbfgs.py), this PyTorch reference otherwise
-(kernels/backend.py decides). Results are fp32 whatever the storage dtype."""
+a Triton kernel for CUDA tensors (safebasin_kernels/triton_lbfgs.py), this PyTorch reference otherwise
+(safebasin_kernels/backend.py decides). Results are fp32 whatever the storage dtype."""
 
 from __future__ import annotations
 
