@@ -1,5 +1,6 @@
 """Config schema: errors name the key, the allowed values and the closest valid key."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,14 @@ def test_data_source_errors_name_the_key_in_the_shape_written():
     assert "filter field 'tags'" in msg and "got ['a']" in msg
     msg = errors_of({**BASE, "data": {"train": {"path": "a.jsonl", "template": "Say {sentence!r}"}}})
     assert "data.train.template" in msg and "no format spec or conversion" in msg
+
+
+def test_python_started_in_the_repository_imports_transformers():
+    """`python -m pytest`, `python -c` and rank processes started in the clone put it on
+    sys.path: no top-level folder there may shadow a package the dependencies import (a folder
+    named kernels/ hid Hugging Face's kernels from transformers 5)."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", "import transformers.activations, peft, deepspeed"],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert res.returncode == 0, res.stderr[-2000:]
