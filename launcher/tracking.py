@@ -48,6 +48,7 @@ class Tracker:
         """`default_run_name` names the run when tracking.run_name is not set; `reattach`: a
         resumed job continues the run its output folder records; `writer`: "process" or
         "thread" (default: see the module docstring)."""
+        self.nonfinite: dict[str, int] = {}  # key -> values logged that were NaN or inf
         self.active = active and config.tracking.enabled
         self._run_id: str | None = None
         self._opened = False
@@ -79,9 +80,13 @@ class Tracker:
     def log_metrics(self, row: dict, step: int | None = None) -> None:
         if not self.active:
             return
+        # NaN and inf are logged too (MLflow stores them): a loss that turned NaN is a fact the
+        # run must show, not a gap in its history. They are counted per key.
         clean = {k: float(v) for k, v in row.items()
-                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
-                 and math.isfinite(float(v))}
+                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for k, v in clean.items():
+            if not math.isfinite(v):
+                self.nonfinite[k] = self.nonfinite.get(k, 0) + 1
         if clean:
             self._channel.send({"kind": "metrics", "row": clean, "step": step, "ts": int(time.time() * 1000)})
 

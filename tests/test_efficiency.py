@@ -2,6 +2,7 @@
 cache, the own grad norm at ZeRO-0, thread defaults, and MLflow logging off the step's path."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -159,6 +160,8 @@ def test_tracker_logs_every_row_off_the_calling_thread(tmp_path, monkeypatch, wr
     tracker = Tracker(cfg, tmp_path / "out", active=True, writer=writer)
     for step in range(1, 201):
         tracker.log_metrics({"loss": 1.0 / step, "tokens_per_s": 10.0 * step, "note": "x"}, step)
+    tracker.log_metrics({"loss": float("nan"), "grad_norm": float("inf")}, 201)  # logged, and counted
+    assert tracker.nonfinite == {"loss": 1, "grad_norm": 1}
     (tmp_path / "a.txt").write_text("artifact")
     tracker.log_artifact(tmp_path / "a.txt")
     tracker.end()
@@ -166,7 +169,8 @@ def test_tracker_logs_every_row_off_the_calling_thread(tmp_path, monkeypatch, wr
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(tracker.run_id, "loss")
-    assert sorted(m.step for m in history) == list(range(1, 201))
+    assert sorted(m.step for m in history) == list(range(1, 202))
+    assert math.isnan(next(m.value for m in history if m.step == 201))
     assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["a.txt"]
     assert json.loads((tmp_path / "out" / "mlflow_run.json").read_text())["run_id"] == tracker.run_id
 
