@@ -94,12 +94,15 @@ def anchor_verdict(stages: dict) -> str:
 
 def aggregate(per_seed: list[dict]) -> dict[str, dict[str, dict]]:
     """{stage: {metric: {mean, sd, values}}} over the seeds' stage numbers (sd: sample standard
-    deviation, 0 for one seed; None values left out)."""
+    deviation, 0 for one seed; None values left out). A stage some seeds lack (it was added to
+    fewer seeds) is aggregated over the seeds that have it: `values` says how many."""
     out: dict = {}
-    for stage in per_seed[0]:
+    stages = list(dict.fromkeys(stage for run in per_seed for stage in run))
+    for stage in stages:
+        having = [run[stage] for run in per_seed if stage in run]
         out[stage] = {}
-        for metric in per_seed[0][stage]:
-            values = [run[stage][metric] for run in per_seed if run[stage][metric] is not None]
+        for metric in having[0]:
+            values = [row[metric] for row in having if row.get(metric) is not None]
             out[stage][metric] = {
                 "mean": statistics.fmean(values) if values else None,
                 "sd": statistics.stdev(values) if len(values) > 1 else (0.0 if values else None),
