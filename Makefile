@@ -28,7 +28,7 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not multiproc and not realmodel"
 
 bench: setup
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernel_bench.py
 	$(PY) benchmarks/anchor_penalty.py
 	$(PY) benchmarks/lbfgs.py
 

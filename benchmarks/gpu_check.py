@@ -3,7 +3,7 @@ minutes, with one summary at the end.
 
 1. kernels: every Triton kernel on CUDA tensors against the PyTorch reference (values and
    gradients, fp32 and bf16);
-2. kernel benchmarks (benchmarks/kernels.py) against the device's HBM roofline: anchor penalty
+2. kernel benchmarks (benchmarks/kernel_bench.py) against the device's HBM roofline: anchor penalty
    (full form) >= 60% of peak bandwidth, fused multi-dot >= 1.5x faster than separate dots;
 3. a bf16 ZeRO-2 anchored LoRA job on the model (default builtin:smollm2-135m-instruct; set
    GPU_CHECK_MODEL to a local folder otherwise), then a restoration of its adapter;
@@ -99,9 +99,9 @@ def kernel_correctness() -> None:
 
 
 def kernel_benchmark(out: Path) -> None:
-    code, secs, text = run([sys.executable, str(BENCH / "kernels.py"), "--reps", "5"], out / "kernels.log", 240)
+    code, secs, text = run([sys.executable, str(BENCH / "kernel_bench.py"), "--reps", "5"], out / "kernels.log", 240)
     if code != 0:
-        record("kernel benchmarks", False, f"benchmarks/kernels.py exit {code}; see {out / 'kernels.log'}")
+        record("kernel benchmarks", False, f"benchmarks/kernel_bench.py exit {code}; see {out / 'kernels.log'}")
         return
     share = re.search(r"^\s*full \[triton\].*?([\d.]+)% of HBM peak", text, re.M)
     lora = re.search(r"^\s*LoRA \[triton\].*?([\d.]+)% of HBM peak", text, re.M)

@@ -26,7 +26,7 @@ def multi_dot(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         # Row by row: basis.float() would make an fp32 copy of the whole (half-precision) history.
         v = v.float()
         return torch.stack([row.float() @ v for row in basis]) if len(basis) else v.new_zeros(0)
-    # A GEMV reads each basis element once; on CPU it runs at stream bandwidth (benchmarks/kernels.py).
+    # A GEMV reads each basis element once; on CPU it runs at stream bandwidth (benchmarks/kernel_bench.py).
     return basis @ v.float()
 
 

@@ -3,11 +3,14 @@ backward) and of the two-loop recursion's fused multi-dot and linear combination
 separate per-vector operations and, on a GPU, Triton against the PyTorch reference and the
 dense formulation.
 
-    python benchmarks/kernels.py [--numel 16777216 --history 10 --reps 5]
+    python benchmarks/kernel_bench.py [--numel 16777216 --history 10 --reps 5]
 
 On CPU only the PyTorch reference runs (Triton needs a GPU; its correctness on CPU is covered by
 the interpreter tests in tests/test_kernels.py). Bytes are the traffic each implementation's
 passes must move (analytic); bandwidth = bytes / best time.
+
+Not named kernels.py: run as a script, this folder comes first on sys.path, and a kernels
+module here would shadow Hugging Face's kernels package, which transformers imports.
 """
 
 from __future__ import annotations
