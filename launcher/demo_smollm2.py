@@ -159,7 +159,8 @@ def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) ->
     if missing:
         raise ConfigError([f"stages: {', '.join(sorted(wanted))} read the output of {', '.join(missing)}, "
                            "which is neither listed nor finished in this folder"])
-    write_data()
+    if any(not progress.done(name) for name in wanted):  # a finished seed needs no data file
+        write_data()
     builders = {"base": setup,
              "aligned": lambda: train("aligned", smollm2.aligned_config(s, layout, tracking)),
              "safe-lora": safe_lora}

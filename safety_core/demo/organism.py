@@ -160,6 +160,9 @@ def restore_config(settings: DemoSettings, layout: Layout, tracking: dict) -> di
                         **({"delta": r.delta} if r.delta is not None else {}),
                         "mu": r.mu, "refresh_pairs": r.refresh_pairs,
                         "curvature_sources": r.curvature_sources,
+                        # sets of 8-96 examples: one record whose prompt fills max_length is
+                        # 12% of the quick preset's 8 (the default 0.1 refuses it)
+                        "max_dropped_share": 0.25,
                         "batch_size": r.batch_size, "max_length": settings.data.max_length,
                         "seed": settings.seed},
             **_common(layout, "restored", tracking)}
