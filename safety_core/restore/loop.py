@@ -116,7 +116,7 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
             stop = f"iteration {it}: the direction is zero"
             break
         t = args.eta * retain_model.step_for(budget)
-        if args.delta is not None and it == 1 and d_norm > 0:
+        if args.delta is not None and it == 1:
             t = min(t, args.delta / d_norm)
         saved = space.snapshot()
         accepted, tries = False, 0
@@ -143,7 +143,7 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
                "rho": rho if math.isfinite(rho) else 1e9,
                "predicted_forget_gain": forget_slope * tried, "actual_forget_gain": new_forget - forget_loss,
                "radius": region.radius, "pairs_kept": len(buffer),
-               "curvature_model": model_curvature / (d_norm * d_norm) if d_norm > 0 else 0.0}
+               "curvature_model": model_curvature / (d_norm * d_norm)}
         if accepted:
             g_retain_before = g_retain
             forget_loss, g_forget = loss_and_grad(space, forget_b, pad_id, grad=True)
@@ -152,7 +152,7 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
             # the model's (both d^T B d / ||d||^2), and the calibration of the next prediction.
             measured = space.dot(g_retain - g_retain_before, d) / tried
             calibrated = calibration(measured, model_curvature)
-            row["curvature_measured"] = measured / (d_norm * d_norm) if d_norm > 0 else 0.0
+            row["curvature_measured"] = measured / (d_norm * d_norm)
         log.write(it, {"forget_loss": forget_loss, "retain_loss": retain_loss,
                        "budget_used": (retain_loss - start["retain_loss"]) / args.eps, **row,
                        **sizes, "seconds": time.perf_counter() - t0},
