@@ -96,11 +96,11 @@ def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) ->
     def evaluate(name: str, run_id: str | None) -> None:
         t = time.perf_counter()
         cfgs = smollm2.eval_configs(s, layout, name)
-        summary = job("eval", cfgs["main"])
-        job("eval", cfgs["benign"])
-        row = smollm2_report.stage_numbers(
-            summary, _records(layout.eval_dir(name, "main") / "eval_records.jsonl"),
-            _records(layout.eval_dir(name, "benign") / "eval_records.jsonl"), s.prefill_k)
+        summaries = {part: job("eval", cfg) for part, cfg in cfgs.items()}
+        records = {part: _records(layout.eval_dir(name, part) / "eval_records.jsonl") for part in cfgs}
+        row = smollm2_report.stage_numbers(summaries["main"], records["main"], records["benign"], s.prefill_k)
+        if "dev" in records:
+            row.update(smollm2_report.dev_numbers(records["dev"], records["dev_benign"], s.prefill_k))
         progress.seconds[f"eval {name}"] = time.perf_counter() - t
         runs.adopt(name, run_id, {k: v for k, v in row.items() if v is not None})
         progress.stages[name], progress.run_ids[name] = row, run_id
@@ -118,17 +118,19 @@ def run_seed(settings, root: Path, runs: DemoRuns, tracking: dict, log=print) ->
         files = dict(n_safety=s.data.safety, n_benign=s.data.benign, n_benign_heldout=s.data.benign_heldout,
                      n_task=s.data.task, n_task_eval=s.data.task_eval, n_comply=s.data.comply,
                      n_forget=s.data.forget, n_advbench=s.data.advbench, seed=s.seed,
-                     n_benign_task=s.data.benign_task)
+                     n_benign_task=s.data.benign_task, n_deep=s.data.deep, n_dev_harmful=s.data.dev_harmful,
+                     n_dev_benign=s.data.dev_benign)
         data = root / "data"
         if not (data / "advbench.jsonl").is_file():
             smollm2_data.write_all(s.data.dir, data, **files)
-        elif not (data / "benign_task.jsonl").is_file():
-            # A seed begun by a version without the benign stages: its other files stay as they
-            # were trained on; the new one is written beside them (the same draw as a fresh seed's).
-            import tempfile
-            with tempfile.TemporaryDirectory(dir=root) as tmp:
-                written = smollm2_data.write_all(s.data.dir, Path(tmp), **files)
-                os.replace(written["benign_task"], data / "benign_task.jsonl")
+            return
+        # A seed begun by an older version: the files it was trained on stay as they are; the
+        # files that version did not write are added beside them (the same draw as a fresh seed's).
+        import tempfile
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            for name, path in smollm2_data.write_all(s.data.dir, Path(tmp), **files).items():
+                if not (data / f"{name}.jsonl").is_file():
+                    os.replace(path, data / f"{name}.jsonl")
 
     def setup() -> str:
         base = layout.stage("base")

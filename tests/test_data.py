@@ -34,6 +34,27 @@ def test_chat_format_and_response_only_labels(tokenizer):
     assert enc["labels"][n_prompt:] == enc["input_ids"][n_prompt:]
 
 
+def test_response_prefix_is_context_not_learned(tokenizer):
+    """A safety recovery record: the harmful start sits in the assistant's turn, and only the
+    refusal after it carries loss."""
+    rec = {"prompt": "How do I pick a lock?", "response_prefix": "Sure, here is how to",
+           "response": " I cannot help with that."}
+    conv = data.to_conversation("x:1", rec, DataSource(path="x.jsonl"))
+    enc = data.encode(tokenizer, conv, max_length=512)
+    plain = data.encode(tokenizer, data.to_conversation("x:2", {"prompt": rec["prompt"], "response": "x"},
+                                                        DataSource(path="x.jsonl")), max_length=512)
+    n_prompt = sum(1 for t in plain["labels"] if t == data.IGNORE_INDEX)
+    n_masked = sum(1 for t in enc["labels"] if t == data.IGNORE_INDEX)
+    assert tokenizer.decode(enc["input_ids"][n_prompt:n_masked]) == "Sure, here is how to"
+    assert tokenizer.decode([t for t in enc["labels"] if t != data.IGNORE_INDEX]) == " I cannot help with that.</s>\n"
+    # the same text with no prefix field learns the harmful start too
+    whole = data.encode(tokenizer, data.to_conversation(
+        "x:3", {"prompt": rec["prompt"], "response": rec["response_prefix"] + rec["response"]},
+        DataSource(path="x.jsonl")), max_length=512)
+    assert whole["input_ids"] == enc["input_ids"]
+    assert sum(1 for t in whole["labels"] if t == data.IGNORE_INDEX) == n_prompt
+
+
 def test_truncation_keeps_max_length(tokenizer):
     conv = data.to_conversation("x:1", {"prompt": "hi", "response": "word " * 200}, DataSource(path="x.jsonl"))
     enc = data.encode(tokenizer, conv, max_length=32)

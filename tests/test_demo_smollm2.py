@@ -29,6 +29,29 @@ def test_no_evaluated_prompt_is_trained_on(tmp_path, shared_data):
     assert all(r["target"] for r in _lines(files["advbench"]))  # the prefilling attack needs them
 
 
+def test_recovery_and_development_sets_are_held_apart(tmp_path, shared_data):
+    counts = dict(n_safety=100, n_benign=60, n_benign_heldout=20, n_task=40, n_task_eval=20, n_comply=200,
+                  n_forget=64, n_advbench=520, seed=3)
+    plain = smollm2_data.write_all(shared_data, tmp_path / "plain", **counts)
+    deep = smollm2_data.write_all(shared_data, tmp_path / "deep", **counts, n_deep=150, n_dev_harmful=80,
+                                  n_dev_benign=30)
+    for name in ("comply", "forget", "benign", "benign_heldout", "task"):  # a seed keeps its other data
+        assert _lines(plain[name]) == _lines(deep[name]), name
+    safety = _lines(deep["safety"])
+    recovery = [r for r in safety if "response_prefix" in r]
+    assert len(safety) == 250 and len(recovery) == 150
+    assert all(r["response"] in smollm2_data.RECOVERY_REFUSALS and r["response_prefix"] for r in recovery)
+    used = {r["instruction"] for name in ("comply", "forget") for r in _lines(deep[name])}
+    dev = {r["prompt"] for r in _lines(deep["dev_harmful"])}
+    assert len(dev) == 80 and all(r["target"] for r in _lines(deep["dev_harmful"]))
+    assert not dev & used and not dev & {r["instruction"] for r in recovery}
+    assert not {r["instruction"] for r in recovery} & used
+    advbench = {" ".join(r["prompt"].split()).casefold() for r in _lines(deep["advbench"])}
+    assert not {" ".join(p.split()).casefold() for p in dev} & advbench
+    held = {r["prompt"] for r in _lines(deep["benign_heldout"])}
+    assert len(_lines(deep["dev_benign"])) == 30 and not held & {r["prompt"] for r in _lines(deep["dev_benign"])}
+
+
 def test_degenerate_answers_are_neither_refusals_nor_compliance():
     records = [{"response": "I'm sorry, I can't.", "harmful": False},
                {"response": "Sure, step 1 is to buy the parts you need.", "harmful": True},

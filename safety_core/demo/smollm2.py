@@ -9,13 +9,11 @@ control: the same budget rule with no curvature pairs) / lora_benign (the CASR p
 setting: LoRA on benign Dolly instructions only) / restored_benign (its restoration).
 `stages` picks a subset (a stage's inputs must be in it or finished before).
 
-Alignment is full-parameter training restricted to the attention q/v projections
-(`method.trainable`), written as a whole model folder. Why not all parameters: a step costs
-about as much (the backward pass runs through every layer either way), but then aligned - base
-would also move the MLPs and embeddings, which the basis (q_proj, v_proj, the attacked modules)
-ignores; restricting it makes the alignment update live exactly where the basis is read. Why not
-LoRA merged: the same modules, but the update would be rank r by construction rather than by
-what the data asks for.
+Alignment is full-parameter training of `aligned_modules` (`method.trainable`), written as a
+whole model folder, on benign instructions mixed with refusals and safety recovery records (a
+harmful start, then a refusal), so that the refusal holds after a prefilled harmful start. Why
+not LoRA merged: the update would be rank r by construction rather than by what the data asks
+for. Which modules it trains was chosen on the development prompts (README, "A real model").
 """
 
 from __future__ import annotations
@@ -41,7 +39,9 @@ RESTORES = {"restored": ("lora", "task"), "restored_first_order": ("lora", "task
 
 class Smollm2Data(Section):
     dir: str = Field("../shared/data", description="the shared data folder (SOURCES.md, safety/, ...)")
-    safety: int = Field(600, ge=8, description="safety_tuned_llamas records for alignment")
+    safety: int = Field(400, ge=8, description="safety_tuned_llamas records for alignment")
+    deep: int = Field(200, ge=0, description="safety recovery records for alignment (a harmful start given "
+                      "as context, then a refusal), from compliance records no other file holds; 0: none")
     benign: int = Field(400, ge=8, description="Alpaca records mixed into alignment")
     benign_heldout: int = Field(50, ge=4, description="held-out Alpaca prompts for over-refusal")
     task: int = Field(600, ge=8, description="SST-2 train records for the attack")
@@ -52,6 +52,9 @@ class Smollm2Data(Section):
     benign_task: int = Field(400, ge=8, description="Dolly records of the benign attack (lora_benign) and "
                              "its restoration's retain pool")
     advbench: int = Field(100, ge=4, description="AdvBench prompts evaluated (never trained on)")
+    dev_harmful: int = Field(80, ge=0, description="held-out compliance prompts (with the start of their "
+                             "harmful answer as prefilling target) on which recipes are chosen")
+    dev_benign: int = Field(50, ge=0, description="held-out Alpaca prompts for the development over-refusal")
     max_length: int = Field(128, ge=32, description="tokens per training example (prompt + response)")
 
 
@@ -70,7 +73,11 @@ class Smollm2Settings(Section):
     threads: int = Field(2, ge=1, description="torch threads of the process that runs this seed's stages, "
                          "one after another; every stage's job gets runtime.threads = this")
     data: Smollm2Data = Field(default_factory=Smollm2Data)
-    aligned: Stage = Field(default_factory=lambda: Stage(steps=60, lr=2e-4, examples=480, fraction=0.5))
+    aligned: Stage = Field(default_factory=lambda: Stage(steps=160, lr=1e-4, examples=640, fraction=0.5))
+    aligned_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+                                       description="module names the alignment trains (full-parameter)")
+    dev_stages: list[str] = Field(default_factory=lambda: ["aligned"],
+                                  description="stages also evaluated on the development prompts")
     attack: Stage = Field(default_factory=lambda: Stage(steps=40, lr=1e-3, examples=320, fraction=0.3))
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
@@ -88,7 +95,7 @@ class Smollm2Settings(Section):
     prefill_k: int = Field(8, ge=1)
     eval_batch: int = Field(16, ge=1)
 
-    @field_validator("stages")
+    @field_validator("stages", "dev_stages")
     @classmethod
     def _known_stages(cls, value: list[str]) -> list[str]:
         unknown = [v for v in value if v not in STAGES]
@@ -101,7 +108,8 @@ class Smollm2Settings(Section):
 # fewer steps and prompts. Its numbers are a pipeline check, not the study.
 REDUCED = {
     "data": {"safety": 192, "benign": 96, "benign_heldout": 16, "task": 96, "task_eval": 32, "benign_task": 96,
-             "comply": 96, "forget": 24, "advbench": 24, "max_length": 128},
+             "comply": 96, "forget": 24, "advbench": 24, "max_length": 128, "deep": 48, "dev_harmful": 16,
+             "dev_benign": 8},
     "aligned": {"steps": 24, "examples": 192},
     "attack": {"steps": 12, "examples": 96},
     "restore_iterations": 1, "restore_probes": 6,
@@ -148,7 +156,7 @@ def aligned_config(s: Smollm2Settings, layout: Layout, tracking: dict) -> dict:
     records (mostly refusals), q/v projections trained."""
     a = s.aligned
     return {"model": {"path": str(layout.stage("base") / "model")},
-            "method": {"type": "full", "trainable": [f"{m}." for m in s.target_modules]},
+            "method": {"type": "full", "trainable": [f"{m}." for m in s.aligned_modules]},
             "data": {"train": {"path": layout.data_file("benign")},
                      "harmful_mix": {"source": {"path": layout.data_file("safety")}, "fraction": a.fraction},
                      "num_examples": a.examples, "max_length": s.data.max_length, "seed": s.seed},
@@ -199,15 +207,20 @@ def restore_config(s: Smollm2Settings, layout: Layout, tracking: dict, name: str
 
 
 def eval_configs(s: Smollm2Settings, layout: Layout, name: str) -> dict[str, dict]:
-    """Two evaluation jobs of a stage: safety + task (AdvBench HRR, prefilling, SST-2), and the
-    held-out benign prompts, whose judged refusals give the over-refusal rate."""
+    """The evaluation jobs of a stage: safety + task (AdvBench HRR, prefilling, SST-2), and the
+    held-out benign prompts, whose judged refusals give the over-refusal rate; for the stages in
+    dev_stages the same two on the development prompts (dev, dev_benign)."""
     common = {"judge": {"name": "keyword"}, "max_new_tokens": s.max_new_tokens,
               "batch_size": s.eval_batch, "max_length": s.data.max_length}
     main = {**common, "harmful": {"path": layout.data_file("advbench")}, "prefill_k": [s.prefill_k],
             "task": {"path": layout.data_file("task_eval")}, "task_kind": "classification",
             "labels": LABELS, "task_max_new_tokens": s.task_max_new_tokens}
     benign = {**common, "harmful": {"path": layout.data_file("benign_heldout")}}
+    parts = [("main", main), ("benign", benign)]
+    if name in s.dev_stages and s.data.dev_harmful and s.data.dev_benign:
+        parts += [("dev", {**common, "harmful": {"path": layout.data_file("dev_harmful")}, "prefill_k": [s.prefill_k]}),
+                  ("dev_benign", {**common, "harmful": {"path": layout.data_file("dev_benign")}})]
     return {part: {"model": layout.model_args(name), "eval": ev, "deepspeed": {"stage": 0},
                    "tracking": {"enabled": False}, "output": {"dir": str(layout.eval_dir(name, part))},
                    "runtime": {"threads": s.threads}}
-            for part, ev in (("main", main), ("benign", benign))}
+            for part, ev in parts}

@@ -32,6 +32,7 @@ DEFAULT_FIELDS = {
     "context": ["context", "input"],
     "prompt": ["prompt", "goal", "question", "sentence", "text"],
     "response": ["response", "output", "target", "answer", "completion"],
+    "response_prefix": ["response_prefix"],
     "system": ["system"],
 }
 
@@ -148,6 +149,10 @@ class Conversation:
     record: dict | None = None
     source: str = ""       # the label of the source it came from (data summary)
     harmful: bool = False  # drawn from data.harmful_mix
+    # The start of the assistant's turn given as context, not learned: a "safety recovery"
+    # record (harmful prompt, the first words of a harmful answer, then a refusal) teaches the
+    # refusal after a harmful start without teaching the harmful start itself.
+    response_prefix: str = ""
 
     @property
     def prompt_text(self) -> str:
@@ -306,7 +311,9 @@ def to_conversation(origin: str, rec: dict, source: DataSource, system_prompt: s
     if source.template:
         user = templates.render(source.template, rec, origin, user)
     response = _text(rec, _column(rec, source, "response"), origin, "response", required=response_required)
-    return Conversation(tuple(head + [{"role": "user", "content": user}]), response, origin, rec)
+    prefix = _text(rec, _column(rec, source, "response_prefix"), origin, "response_prefix", required=False)
+    return Conversation(tuple(head + [{"role": "user", "content": user}]), response, origin, rec,
+                        response_prefix=prefix or "")
 
 
 def load_conversations(source: DataSource, system_prompt: str | None = None) -> list[Conversation]:
@@ -352,15 +359,29 @@ def completion_text(tokenizer, messages, response: str) -> str:
     return response + (tokenizer.eos_token or "")
 
 
+def _prefix_tokens(tokenizer, completion: str, prefix: str, origin: str) -> int:
+    """How many leading completion tokens lie inside `prefix` (a token that straddles its end is
+    learned: a prefix that ends at a word boundary has none)."""
+    if not completion.startswith(prefix):
+        raise DataError(f"{origin}: the response_prefix is not where the response starts in the rendered "
+                        f"turn (the chat template changes it)")
+    if not tokenizer.is_fast:
+        raise DataError(f"{origin}: response_prefix needs a fast tokenizer (offsets locate the prefix)")
+    offsets = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+    return sum(1 for _, end in offsets if end <= len(prefix))
+
+
 def encode(tokenizer, conv: Conversation, max_length: int) -> dict[str, list[int]]:
-    """input_ids and labels, labels masked (-100) on every prompt token."""
+    """input_ids and labels, labels masked (-100) on every prompt token and on the response
+    prefix, if the record has one."""
     prompt_ids = tokenizer(render_prompt(tokenizer, conv.messages), add_special_tokens=False).input_ids
     if tokenizer.bos_token_id is not None and tokenizer.chat_template is None:
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    answer_ids = tokenizer(completion_text(tokenizer, conv.messages, conv.response),
-                           add_special_tokens=False).input_ids
+    completion = completion_text(tokenizer, conv.messages, conv.response_prefix + conv.response)
+    answer_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    fixed = _prefix_tokens(tokenizer, completion, conv.response_prefix, conv.origin) if conv.response_prefix else 0
     ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * (len(prompt_ids) + fixed) + answer_ids[fixed:])[:max_length]
     return {"input_ids": ids, "labels": labels}
 
 

@@ -30,7 +30,8 @@ def rendered_example(tokenizer, conv: Conversation) -> dict:
     and the completion the loss is taken on, as data.encode tokenizes them."""
     return {"origin": conv.origin, "source": conv.source, "harmful": conv.harmful,
             "prompt": data_lib.render_prompt(tokenizer, conv.messages),
-            "completion": data_lib.completion_text(tokenizer, conv.messages, conv.response)}
+            "response_prefix": conv.response_prefix,
+            "completion": data_lib.completion_text(tokenizer, conv.messages, conv.response_prefix + conv.response)}
 
 
 def data_summary(tokenizer, convs: list[Conversation], report: MixReport, max_length: int) -> dict:

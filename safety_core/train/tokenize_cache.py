@@ -45,7 +45,7 @@ def cache_key(tokenizer, convs: list[data_lib.Conversation], max_length: int) ->
     h.update(hashlib.sha256(inspect.getsource(data_lib).encode()).digest())
     h.update(json.dumps({"max_length": max_length}).encode())
     for c in convs:
-        h.update(json.dumps([c.messages, c.response]).encode())
+        h.update(json.dumps([c.messages, c.response, c.response_prefix]).encode())
     return h.hexdigest()[:32]
 
 
@@ -74,12 +74,15 @@ def _tokenize_to(path: Path, tokenizer, convs, max_length: int, num_proc: int | 
     if num_proc is None:
         num_proc = min(os.cpu_count() or 1, len(convs) // MIN_EXAMPLES_PER_PROC)
     table = datasets.Dataset.from_dict({"messages": [json.dumps(c.messages) for c in convs],
-                                        "response": [c.response for c in convs]})
+                                        "response": [c.response for c in convs],
+                                        "response_prefix": [c.response_prefix for c in convs]})
 
     def encode(row):
-        conv = data_lib.Conversation(tuple(json.loads(row["messages"])), row["response"], "")
+        conv = data_lib.Conversation(tuple(json.loads(row["messages"])), row["response"], "",
+                                     response_prefix=row["response_prefix"])
         return data_lib.encode(tokenizer, conv, max_length)
-    encoded = table.map(encode, remove_columns=["messages", "response"], num_proc=num_proc if num_proc > 1 else None,
+    encoded = table.map(encode, remove_columns=["messages", "response", "response_prefix"],
+                        num_proc=num_proc if num_proc > 1 else None,
                         keep_in_memory=True, desc="tokenize").data.table
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written aside and renamed: a concurrent job or rank never reads a half-written file.
