@@ -335,7 +335,7 @@ def register(sub) -> None:
                    "evaluation stages (default 1: everything in this process)")
     p.add_argument("--organism", choices=["tiny", "smollm2"], default="tiny", help="tiny: a random tiny "
                    "Llama on synthetic data (default); smollm2: the real SmolLM2-135M-Instruct on public "
-                   "safety data (see README, 'A real model')")
+                   "safety data (see docs/results.md)")
     p.add_argument("--quick", action="store_true", help="every stage tiny (tests the pipeline, not "
                    "the phenomenon); with --organism smollm2, its reduced preset")
     p.add_argument("--frontier", action="store_true", help="also retrain the attack for each lambda of "

@@ -22,7 +22,7 @@ def add_job_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
     again = p.add_mutually_exclusive_group()
     if resumable:
         again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint "
-                           "(the plan keys must be unchanged: see README, Training)")
+                           "(the plan keys must be unchanged: see docs/train.md)")
     again.add_argument("--overwrite", action="store_true", help="output.dir holds a previous job's results: "
                        "move them aside to OUTPUT.replaced-TIME and start over (nothing is deleted)")
 

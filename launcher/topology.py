@@ -126,7 +126,7 @@ def resolve(args, env: Mapping[str, str] | None = None) -> Topology:
 
 def add_launch_args(p) -> None:
     """The launch options every job command takes (resolved by `resolve`)."""
-    g = p.add_argument_group("launch (several ranks or nodes; see README 'Multi-node runs')")
+    g = p.add_argument_group("launch (several ranks or nodes; see docs/multinode.md)")
     g.add_argument("--nproc", type=int, default=None,
                    help="ranks per node (default 1; with --hostfile its slots; in an srun step SLURM_GPUS_ON_NODE)")
     g.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed",

@@ -13,7 +13,7 @@ Alignment is full-parameter training of `aligned_modules` (`method.trainable`), 
 whole model folder, on benign instructions mixed with refusals and safety recovery records (a
 harmful start, then a refusal), so that the refusal holds after a prefilled harmful start. Why
 not LoRA merged: the update would be rank r by construction rather than by what the data asks
-for. Which modules it trains was chosen on the development prompts (README, "A real model").
+for. Which modules it trains was chosen on the development prompts (docs/results.md).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Smollm2Settings(Section):
         return value
 
 
-# A reduced run that fits a shared machine (measured: README, A real model): the same code, far
+# A reduced run that fits a shared machine (measured: docs/results.md): the same code, far
 # fewer steps and prompts. Its numbers are a pipeline check, not the study.
 REDUCED = {
     "data": {"safety": 192, "benign": 96, "benign_heldout": 16, "task": 96, "task_eval": 32, "benign_task": 96,

@@ -1,6 +1,6 @@
 """The `restore:` config section (DESIGN.md, "Restoration"). Defaults are the paper's except
 `mu` (the paper regularises but gives no value: safebasin's choice) and `max_step` / `eta` /
-`delta` (safebasin's; README's table marks which is which). The step length is not a setting:
+`delta` (safebasin's; docs/restore.md's table marks which is which). The step length is not a setting:
 it is the one the budget eps allows under the quadratic model (policy.py)."""
 
 from __future__ import annotations
