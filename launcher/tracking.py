@@ -22,6 +22,7 @@ import json
 import math
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 RUN_FILE = "mlflow_run.json"
+WRITER_LOG = "mlflow_writer.log"  # the writer process's own messages (MLflow's warnings, errors)
 # How long the writer waits for more rows before writing what it has: at most one batch per
 # interval, so a fast loop costs one SQLite transaction per interval, not per step.
 BATCH_INTERVAL_S = 0.5
@@ -161,8 +163,15 @@ class _ProcessChannel:
     stdout. The writer closes the run as KILLED if this process dies without `end`."""
 
     def __init__(self, spec: dict):
-        self._proc = subprocess.Popen([sys.executable, "-m", "safebasin.launcher.tracking"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        # A session of its own: a launcher that kills the job's process group leaves the writer
+        # to see its input end and close the run as KILLED. Its stderr goes to a file, never to
+        # the job's: a caller capturing the job's output would otherwise wait for the writer too.
+        log = Path(spec["out_dir"]) / WRITER_LOG
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as err:
+            self._proc = subprocess.Popen([sys.executable, "-m", "safebasin.launcher.tracking"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                          text=True, bufsize=1, start_new_session=True)
         self._lost: str | None = None
         self.send(spec)
 
@@ -260,6 +269,7 @@ class _Writer:
         mlflow.set_tracking_uri(spec["uri"])
         self.client = client = MlflowClient()
         experiment = mlflow.set_experiment(spec["experiment"])
+        _close_orphans(client, experiment.experiment_id)
         run_file = Path(spec["out_dir"]) / RUN_FILE
         # Only a resumed job continues the folder's run: any other job gets a run of its own, so
         # two jobs' metrics never mix in one run.
@@ -267,9 +277,12 @@ class _Writer:
         if previous is not None:
             self.run_id = previous
             client.update_run(previous, status="RUNNING")
+            for key, value in _owner_tags().items():
+                client.set_tag(previous, key, value)
             return previous
         tags = {"mlflow.parentRunId": spec["parent_run_id"]} if spec["parent_run_id"] else {}
-        self.run_id = client.create_run(experiment.experiment_id, run_name=spec["run_name"], tags=tags).info.run_id
+        self.run_id = client.create_run(experiment.experiment_id, run_name=spec["run_name"],
+                                        tags={**tags, **_owner_tags()}).info.run_id
         params = [Param(k, v) for k, v in spec["params"].items()]
         for i in range(0, len(params), 100):  # MLflow caps a params batch at 100 entries
             client.log_batch(self.run_id, params=params[i:i + 100])
@@ -277,6 +290,44 @@ class _Writer:
         run_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": mlflow.get_tracking_uri(),
                                         "experiment": spec["experiment"]}))
         return self.run_id
+
+
+OWNER_HOST, OWNER_PID = "safebasin.owner_host", "safebasin.owner_pid"
+
+
+def _owner_tags() -> dict[str, str]:
+    """Which process ends the run: the one writing it (the writer process, or the job itself
+    with the thread writer). When it is gone and the run still says RUNNING, nobody will end it."""
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _close_orphans(client, experiment_id: str) -> list[str]:
+    """Mark KILLED the experiment's RUNNING runs whose owner process on this host has died (a
+    SIGKILL of the writer too, an out-of-memory kill): the next job that opens the store ends
+    them. Runs owned by other hosts are left alone (their processes cannot be seen from here)."""
+    host = socket.gethostname()
+    closed = []
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                              f"tags.`{OWNER_HOST}` = '{host}'", max_results=1000)
+    for run in runs:
+        pid = run.data.tags.get(OWNER_PID, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        print(f"[safebasin] MLflow: {len(closed)} run(s) whose process died without ending them marked "
+              f"KILLED: {', '.join(closed)}", file=sys.stderr)
+    return closed
 
 
 def _previous_run(run_file: Path, client) -> str | None:

@@ -71,6 +71,8 @@ class TrainArgs(Section):
                                                  "every N steps (measure/probe.py)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: "
                                          "less memory, ~1/3 more compute")
+    stop_on_nonfinite: bool = Field(True, description="end the job when the loss or gradient norm turns "
+                                    "NaN/inf (the step is logged; no checkpoint is written from it)")
 
     @model_validator(mode="after")
     def _length(self):
@@ -93,6 +95,11 @@ class StepHook(Protocol):
 
 class TrainingStopped(RuntimeError):
     """A step hook stopped the job; the checkpoint of the last step was saved first."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm turned NaN/inf: the job ends with its last good checkpoint as
+    `latest` (the weights after this step are not saved)."""
 
 
 @dataclass
@@ -260,6 +267,7 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     # SAFEBASIN_FAIL_MODE=hang, stops answering) after the given step.
     fail_after = int(os.environ.get("SAFEBASIN_FAIL_AFTER_STEP", "0"))
     fail_rank = int(os.environ.get("SAFEBASIN_FAIL_RANK", "0"))
+    nan_at = int(os.environ.get("SAFEBASIN_NAN_AT_STEP", "0"))  # this step's loss becomes NaN (fault tests)
     progress = Progress(total_steps, "train", initial=start_step, disable=not is_rank0, unit="step",
                         every=train_args.log_every or max(1, total_steps // 10))
     last = {}
@@ -277,6 +285,8 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
                                          data_args.max_length)
             # No KV cache in training: with one, transformers skips the packed-sequence mask.
             loss = engine(**{k: v.to(device) for k, v in mb.inputs.items()}, use_cache=False).loss
+            if nan_at == step + 1:
+                loss = loss * float("nan")
             losses.append(loss.item())
             tokens += mb.real_tokens
             positions += mb.positions
@@ -314,6 +324,14 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
             progress.set_postfix(loss=f"{mean_loss:.4f}")
         progress.update(1)
         last = row
+        bad = [k for k in ("loss", "grad_norm") if row[k] is not None and not math.isfinite(row[k])]
+        if bad and train_args.stop_on_nonfinite:
+            progress.close()
+            kept = checkpoints.latest_tag(out_dir / "checkpoints")
+            raise NonFiniteLoss(f"step {step + 1}: {' and '.join(f'{k} {row[k]}' for k in bad)}; the job stops "
+                                f"(train.stop_on_nonfinite) and writes no checkpoint from this step; "
+                                + (f"the last good checkpoint is {kept} (--resume continues from it)"
+                                   if kept else "no checkpoint was saved before it"))
         if train_args.save_every and (step + 1) % train_args.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(engine, out_dir, step + 1, checkpoint_state(), train_args.keep_checkpoints, is_rank0)
         stops = [msg for hook in step_hooks if (msg := hook.stop(row, out_dir / "checkpoints"))]
