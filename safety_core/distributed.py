@@ -86,6 +86,13 @@ def rank_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def local_rank() -> int:
+    """This rank's index on its node (LOCAL_RANK, which every launcher sets; the global rank
+    without one): node-local files (caches under a home that nodes do not share) are written by
+    local rank 0 of every node."""
+    return int(os.environ.get("LOCAL_RANK", rank_world()[0]))
+
+
 def is_main() -> bool:
     return rank_world()[0] == 0
 

@@ -96,3 +96,14 @@ def test_the_writer_never_holds_the_callers_pipes(tmp_path, tiny_model_dir, mlfl
                          timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "mlflow_writer.log").is_file()
+
+
+def test_a_set_truncated_away_is_refused_with_its_numbers(tmp_path, tiny_model_dir, mlflow_uri):
+    cfg = write_config(tmp_path / "cfg.yaml", out=tmp_path / "run")
+    res = safebasin_cli("train", str(cfg), "data.max_length=12", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "data.train: 16 of 16 examples lose their whole response at data.max_length=12" in res.stderr, \
+        res.stderr[-3000:]
+    ok = safebasin_cli("train", str(cfg), f"output.dir={tmp_path / 'ok'}", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert json.loads((tmp_path / "ok" / "results.json").read_text())["metrics"]["examples_dropped"] == 0

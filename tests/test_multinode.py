@@ -118,8 +118,14 @@ def test_torchrun_runs_two_ranks_on_one_node(job, ref):
 @pytest.mark.multiproc
 def test_per_node_launches_match_one_node_and_share_one_mlflow_run(job, ref):
     port, logs = free_port(), job["root"] / "pernode-ranks"
-    nodes = [start_node(job, "pernode", r, port, "--rank-logs", str(logs)) for r in (0, 1)]
+    # Nodes that share no home directory: each has its own cache, which its local rank 0 fills.
+    homes = [job["root"] / f"home{r}" for r in (0, 1)]
+    nodes = [start_node(job, "pernode", r, port, "--rank-logs", str(logs),
+                        env={"HOME": str(homes[r]), "SAFEBASIN_CACHE": str(homes[r] / ".cache" / "safebasin")})
+             for r in (0, 1)]
     wait_nodes_succeed(nodes)
+    for home in homes:
+        assert len(list((home / ".cache" / "safebasin" / "tokenized").glob("*.arrow"))) == 1
     # Tolerance: the same two ranks reduce in the same order whatever launched them, so only
     # float noise is allowed.
     assert losses(job["root"] / "pernode") == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)

@@ -229,13 +229,16 @@ def _utility(model, engine, tokenizer, args: EvalArgs, records: list[dict]) -> d
     convs = _task_conversations(args)
     if is_main():
         announce_prompts(tokenizer, f"task ({args.task_kind})", args.task, convs)
-    out: dict = {"task_kind": args.task_kind, "n_task": len(convs), "task_loss": None, "task_accuracy": None}
-    if args.task_loss and all(c.response for c in convs):
-        out["task_loss"] = mean_nll(example_nll(model, tokenizer, convs, max_length=args.max_length,
-                                                batch_size=args.batch_size, desc="task loss"))
-    elif args.task_kind == "loss":
+    with_response = [c for c in convs if c.response]
+    out: dict = {"task_kind": args.task_kind, "n_task": len(convs), "task_loss": None, "task_accuracy": None,
+                 "n_task_loss": len(with_response) if args.task_loss else 0}
+    if args.task_kind == "loss" and len(with_response) < len(convs):
         missing = next(c.origin for c in convs if not c.response)
         raise DataError(f"{missing}: task_kind=loss needs a response in every task record")
+    if args.task_loss and with_response:
+        # over the records that have a response; n_task_loss says how many that is
+        out["task_loss"] = mean_nll(example_nll(model, tokenizer, with_response, max_length=args.max_length,
+                                                batch_size=args.batch_size, desc="task loss"))
     if args.task_kind == "loss":
         return out
     gens = generate(engine, tokenizer, convs, max_new_tokens=args.generation_budget(),
@@ -266,7 +269,7 @@ def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | N
 
     Returns (on every rank) a JSON-able dict: n_harmful, hrr (the compliance share), hrr_upper,
     unparsed, breakdown {refusal, compliance, degenerate: share} (breakdown.py), prefill_asr
-    {K: rate}, prefill_asr_upper, prefill_unparsed, prefill_breakdown {K: breakdown}, judge, task_kind, n_task, task_loss,
+    {K: rate}, prefill_asr_upper, prefill_unparsed, prefill_breakdown {K: breakdown}, judge, task_kind, n_task, n_task_loss (the task records with a response: the loss is over them), task_loss,
     task_accuracy, records, files. Rates are None when there was nothing to rate. `judge`
     reuses an already-built judge (a Llama Guard model is expensive to load). `engine` generates
     instead of `model` (measure/vllm_engine.py); `model` then serves the task loss only, and may
@@ -278,7 +281,7 @@ def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | N
     result: dict = {"judge": None, "n_harmful": 0, "hrr": None, "hrr_upper": None, "unparsed": 0,
                     "breakdown": None, "prefill_asr": {}, "prefill_asr_upper": {}, "prefill_unparsed": {},
                     "prefill_breakdown": {},
-                    "task_kind": None, "n_task": 0, "task_loss": None, "task_accuracy": None}
+                    "task_kind": None, "n_task": 0, "n_task_loss": 0, "task_loss": None, "task_accuracy": None}
     if args.harmful is not None:
         judge = judge or make_judge(args.judge)
         result["judge"] = judge.name

@@ -129,6 +129,9 @@ class DataArgs(Section):
                                   "$SAFEBASIN_CACHE/tokenized")
     num_proc: int | None = Field(None, ge=1, description="tokenisation worker processes; default: "
                                  "one per 2000 examples, at most one per core")
+    max_dropped_share: float = Field(0.1, ge=0, le=1, description="largest share of a set's examples "
+                                     "whose response max_length may truncate away entirely (they are "
+                                     "dropped, and counted); a set that loses more is refused")
 
     @field_validator("train", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from safebasin.safety_core.distributed import barrier, rank_world
+from safebasin.safety_core.distributed import barrier, local_rank
 from safebasin.safety_core.nll import IGNORE_INDEX
 from safebasin.safety_core.train import data as data_lib
 
@@ -51,12 +51,13 @@ def cache_key(tokenizer, convs: list[data_lib.Conversation], max_length: int) ->
 
 def encode_cached(tokenizer, convs: list[data_lib.Conversation], max_length: int, *,
                   cache_dir: str | None = None, num_proc: int | None = None) -> tuple[list[dict], Path]:
-    """encode_all(tokenizer, convs, max_length), from the cache when it holds this key. Rank 0
-    tokenises on a miss (the others wait), then every rank reads the file. Returns (examples,
+    """encode_all(tokenizer, convs, max_length), from the cache when it holds this key. Local
+    rank 0 of each node tokenises on a miss (the others wait), then every rank reads the file. Returns (examples,
     file). A hit reads the Arrow file with pyarrow alone: importing `datasets` costs seconds."""
     path = cache_root(cache_dir) / f"{cache_key(tokenizer, convs, max_length)}.arrow"
-    rank, _ = rank_world()
-    if rank == 0 and not path.exists():
+    # Local rank 0 of every node: a cache under a home that nodes do not share is filled on each
+    # node; on a shared one the writes are whole files renamed into place, so either wins.
+    if local_rank() == 0 and not path.exists():
         _tokenize_to(path, tokenizer, convs, max_length, num_proc)
     barrier()
     import pyarrow as pa

@@ -177,12 +177,16 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     step_hooks = list(step_hooks(tokenizer) if callable(step_hooks) else step_hooks)
     conversations, mix_report = training_set_with_report(data_args)
     train_set = _encode(tokenizer, conversations, data_args)
+    dropped = _check_dropped("data.train", len(conversations), len(train_set), data_args)
     if is_rank0:
         summary = report_data(tokenizer, conversations, mix_report, data_args.max_length, out_dir)
         if data_summary_fn is not None:
             data_summary_fn(summary)
-    eval_set = (_encode(tokenizer, data_lib.load_conversations(data_args.eval, data_args.system_prompt), data_args)
-                if data_args.eval else [])
+    eval_set = []
+    if data_args.eval:
+        eval_convs = data_lib.load_conversations(data_args.eval, data_args.system_prompt)
+        eval_set = _encode(tokenizer, eval_convs, data_args)
+        _check_dropped("data.eval", len(eval_convs), len(eval_set), data_args)
     sampler = StepSampler(len(train_set), train_args.micro_batch_size,
                           train_args.gradient_accumulation_steps, world, train_args.seed)
     total_steps = train_args.max_steps or math.ceil(train_args.epochs * len(train_set) / sampler.global_batch)
@@ -343,7 +347,7 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
             _inject_failure(fail_after, rank)
     progress.close()
 
-    final = dict(last)
+    final = {**last, "examples_dropped": dropped}
     if eval_set:
         final["eval_loss"] = evaluate_loss(engine, eval_set, batch_to, train_args.eval_batch_size)
         if is_rank0 and log_fn:
@@ -355,6 +359,17 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     del hf_ds
     return TrainResult(out_dir=out_dir, final_dir=final_dir, steps=total_steps, metrics=final,
                        model=engine.module)
+
+
+def _check_dropped(what: str, drawn: int, kept: int, data_args: DataArgs) -> int:
+    """Examples whose response max_length truncated away entirely are dropped; more than
+    data.max_dropped_share of a set is refused with the numbers, never trained on silently."""
+    dropped = drawn - kept
+    if dropped > data_args.max_dropped_share * drawn:
+        raise data_lib.DataError(f"{what}: {dropped} of {drawn} examples lose their whole response at "
+                                 f"data.max_length={data_args.max_length} (data.max_dropped_share="
+                                 f"{data_args.max_dropped_share}); raise data.max_length or the share")
+    return dropped
 
 
 def _encode(tokenizer, convs, data_args: DataArgs) -> list[dict[str, list[int]]]:
