@@ -59,9 +59,13 @@ def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
             problem = vllm_problem(int(os.environ.get("WORLD_SIZE", "1")))
             if problem:
                 raise ConfigError([problem])
-            engine = VllmEngine(cfg.model, args.vllm_gpu_memory)
+            engine = VllmEngine(cfg.model, args.vllm_gpu_memory, _vllm_model_len(cfg, args))
         takes_loss = args.task is not None and args.task_loss
-        model = load_model(cfg.model).to(device).eval() if engine is None or takes_loss else None
+        model = None
+        if engine is None:
+            model = load_model(cfg.model).to(device).eval()
+        elif takes_loss:  # loaded once vLLM is closed, never beside it
+            model = lambda: load_model(cfg.model).to(device).eval()  # noqa: E731
         result = evaluate(model, load_tokenizer(cfg.model), args, out_dir=out, engine=engine)
     except BaseException:
         tracker.end("FAILED")
@@ -76,6 +80,22 @@ def run_eval(cfg: JobConfig, resume: bool = False) -> dict:
             tracker.log_artifact(out / name)
     tracker.end()
     return summary
+
+
+def _vllm_model_len(cfg: JobConfig, args) -> int:
+    """eval.vllm_max_model_len, or what this eval's longest prompt and answer need."""
+    if args.vllm_max_model_len is not None:
+        return args.vllm_max_model_len
+    from safebasin.safety_core.measure.evaluation import task_conversations
+    from safebasin.safety_core.measure.vllm_engine import needed_model_len
+    from safebasin.safety_core.train.data import load_prompts
+    from safebasin.safety_core.train.modeling import load_tokenizer
+    sets = [load_prompts(args.harmful, args.system_prompt)] if args.harmful is not None else []
+    if args.task is not None:
+        sets.append(task_conversations(args))
+    new_tokens = max(args.max_new_tokens + max(args.prefill_k, default=0),
+                     args.generation_budget() if args.task is not None else 0)
+    return needed_model_len(load_tokenizer(cfg.model), sets, new_tokens)
 
 
 def run_landscape(cfg: JobConfig, resume: bool = False) -> dict:

@@ -228,10 +228,15 @@ def check_inputs(cfg: JobConfig, command: str) -> None:
     if problem:
         problems.append(problem)
     if command == "eval" and cfg.eval is not None and cfg.eval.engine == "vllm":
-        from safebasin.safety_core.measure.vllm_engine import vllm_problem
+        from safebasin.safety_core.measure.vllm_engine import vllm_lora_rank, vllm_problem
         problem = vllm_problem()
         if problem:
             problems.append(problem)
+        elif cfg.model.adapter is not None and Path(cfg.model.adapter, "adapter_config.json").is_file():
+            try:
+                vllm_lora_rank(cfg.model.adapter)
+            except ValueError as e:
+                problems.append(str(e))
     # The modules are read from the model's files: only when the model and basis checks passed.
     if not any(p.startswith(("model.", "anchor.basis")) for p in problems):
         problems += module_problems(cfg, command)

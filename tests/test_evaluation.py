@@ -259,6 +259,66 @@ def test_task_templates_task_loss_switch_and_rendered_prompts(tiny, tmp_path):
         EvalArgs(task=DataSource(path=str(sst)), task_prompt_template="Classify this.")
 
 
+def test_task_loss_over_the_records_with_a_response(tiny, tmp_path):
+    model, tok = tiny
+    sst = write_jsonl([{"sentence": "a fine film", "label_text": "positive", "answer": "positive"},
+                       {"sentence": "dull", "label_text": "negative"}], tmp_path / "sst.jsonl")
+    args = EvalArgs(task=DataSource(path=str(sst), template="{sentence}", fields={"response": "answer"}),
+                    task_kind="classification", labels=["negative", "positive"], task_max_new_tokens=2)
+    res = evaluate(model, tok, args)
+    assert res["n_task"] == 2 and res["n_task_loss"] == 1
+    one = load_prompts(DataSource(path=str(sst), template="{sentence}", fields={"response": "answer"}))[:1]
+    (nll, n), = example_nll(model, tok, one, max_length=args.max_length, progress=False)
+    assert res["task_loss"] == pytest.approx(nll / n)
+
+
+class ClosingEngine:
+    """An engine as eval.engine=vllm uses one (generate_conversations, close), generating with
+    the tiny model; it records the order of events."""
+
+    def __init__(self, model, events):
+        self.model, self.events = model, events
+
+    def generate_conversations(self, tokenizer, conversations, **kw):
+        self.events.append("generate")
+        kw.pop("progress"), kw.pop("desc")
+        return generate(self.model, tokenizer, conversations, progress=False, **kw)
+
+    def close(self):
+        self.events.append("close")
+
+
+def test_the_task_loss_model_loads_after_the_engine_is_closed(tiny, tmp_path):
+    """Two copies of an 8B model need not fit on one GPU: every answer comes from the engine,
+    which is closed before the model for the task loss is loaded."""
+    model, tok = tiny
+    events = []
+
+    def load_for_loss():
+        events.append("load")
+        return model
+    res = evaluate(load_for_loss, tok, eval_args(tmp_path), engine=ClosingEngine(model, events))
+    assert events[-2:] == ["close", "load"] and set(events[:-2]) == {"generate"}
+    assert res["task_loss"] == pytest.approx(evaluate(model, tok, eval_args(tmp_path))["task_loss"])
+
+
+def test_vllm_lora_rank_and_model_len(tiny, tmp_path):
+    from safebasin.safety_core.measure.vllm_engine import needed_model_len, vllm_lora_rank
+    for r, expected in ((8, 8), (12, 16), (320, 320), (400, 512)):
+        (tmp_path / str(r)).mkdir()
+        (tmp_path / str(r) / "adapter_config.json").write_text(json.dumps({"r": r}))
+        assert vllm_lora_rank(tmp_path / str(r)) == expected
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    with pytest.raises(ValueError, match="r=1024 is above the largest rank vLLM serves"):
+        vllm_lora_rank(tmp_path / "big")
+    _, tok = tiny
+    convs = load_prompts(DataSource(**HARMFUL))
+    from safebasin.safety_core.train.data import render_prompt
+    longest = max(len(tok(render_prompt(tok, c.messages), add_special_tokens=False).input_ids) for c in convs)
+    assert needed_model_len(tok, [convs[:1], convs], 32) == longest + 33
+
+
 def test_loss_task_needs_responses(tiny, tmp_path):
     model, tok = tiny
     bare = write_jsonl([{"prompt": "hello"}], tmp_path / "t.jsonl")

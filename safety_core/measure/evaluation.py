@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field, field_validator, model_validator
 from safebasin.safety_core.args import Section
 from safebasin.safety_core.distributed import chunks, is_main, map_batches
@@ -69,7 +70,11 @@ class EvalArgs(Section):
                                           "generate, everywhere) or vllm (CUDA GPUs, one process; "
                                           "the task loss still uses the transformers model)")
     vllm_gpu_memory: float = Field(0.6, gt=0, le=1, description="eval.engine=vllm: share of GPU memory "
-                                   "vLLM may take (the rest holds the transformers model for the task loss)")
+                                   "vLLM may take (it is freed before the transformers model for the task "
+                                   "loss loads)")
+    vllm_max_model_len: int | None = Field(None, ge=16, description="eval.engine=vllm: the context vLLM sizes "
+                                           "its KV cache for; default: the longest prompt plus the tokens "
+                                           "generated after it")
     max_length: int = Field(1024, ge=8, description="tokens per example for the task loss")
 
     @field_validator("prefill_k")
@@ -183,7 +188,7 @@ def judge_generations(judge: Judge, generations: list[Generation], batch_size: i
                        chunks(generations, batch_size), desc="judge")
 
 
-def _task_conversations(args: EvalArgs) -> list[Conversation]:
+def task_conversations(args: EvalArgs) -> list[Conversation]:
     convs = load_prompts(args.task, args.system_prompt)
     if args.task_prompt_template is None:
         return convs
@@ -226,7 +231,7 @@ def _safety(model, tokenizer, args: EvalArgs, judge: Judge, records: list[dict])
 
 
 def _utility(model, engine, tokenizer, args: EvalArgs, records: list[dict]) -> dict:
-    convs = _task_conversations(args)
+    convs = task_conversations(args)
     if is_main():
         announce_prompts(tokenizer, f"task ({args.task_kind})", args.task, convs)
     with_response = [c for c in convs if c.response]
@@ -235,12 +240,20 @@ def _utility(model, engine, tokenizer, args: EvalArgs, records: list[dict]) -> d
     if args.task_kind == "loss" and len(with_response) < len(convs):
         missing = next(c.origin for c in convs if not c.response)
         raise DataError(f"{missing}: task_kind=loss needs a response in every task record")
+    if args.task_kind != "loss":
+        out["task_accuracy"] = _task_accuracy(engine, tokenizer, args, convs, records)
     if args.task_loss and with_response:
+        if engine is not model and hasattr(engine, "close"):
+            engine.close()  # every answer is generated: the engine's memory goes to the model below
         # over the records that have a response; n_task_loss says how many that is
-        out["task_loss"] = mean_nll(example_nll(model, tokenizer, with_response, max_length=args.max_length,
-                                                batch_size=args.batch_size, desc="task loss"))
-    if args.task_kind == "loss":
-        return out
+        loaded = model if isinstance(model, torch.nn.Module) else model()  # a loader: load it now
+        out["task_loss"] = mean_nll(example_nll(loaded, tokenizer, with_response,
+                                                max_length=args.max_length, batch_size=args.batch_size,
+                                                desc="task loss"))
+    return out
+
+
+def _task_accuracy(engine, tokenizer, args: EvalArgs, convs: list[Conversation], records: list[dict]) -> float | None:
     gens = generate(engine, tokenizer, convs, max_new_tokens=args.generation_budget(),
                     batch_size=args.batch_size, desc="generate (task)")
     responses = [g.response for g in gens]
@@ -255,12 +268,11 @@ def _utility(model, engine, tokenizer, args: EvalArgs, records: list[dict]) -> d
             bad = next(c.origin for c, g in zip(convs, golds) if g is None)
             raise DataError(f"{bad}: no gold numeric answer (no '####' answer or number; set eval.label_field)")
         acc, preds = exact_answer_accuracy(responses, golds)
-    out["task_accuracy"] = acc
     records += [{"set": "task", "origin": c.origin, "prompt": g.prompt,
                  "rendered_prompt": render_prompt(tokenizer, c.messages), "response": g.response,
                  "gold": gold, "pred": pred, "correct": pred is not None and pred.casefold() == gold.casefold()}
                 for c, g, gold, pred in zip(convs, gens, golds, preds)]
-    return out
+    return acc
 
 
 def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | None = None,
@@ -272,8 +284,9 @@ def evaluate(model, tokenizer, args: EvalArgs, out_dir=None, *, judge: Judge | N
     {K: rate}, prefill_asr_upper, prefill_unparsed, prefill_breakdown {K: breakdown}, judge, task_kind, n_task, n_task_loss (the task records with a response: the loss is over them), task_loss,
     task_accuracy, records, files. Rates are None when there was nothing to rate. `judge`
     reuses an already-built judge (a Llama Guard model is expensive to load). `engine` generates
-    instead of `model` (measure/vllm_engine.py); `model` then serves the task loss only, and may
-    be None when there is none to take.
+    instead of `model` (measure/vllm_engine.py); `model` then serves the task loss only, taken
+    after every answer is generated and the engine closed; it may be a function that loads it
+    then, or None when there is no loss to take.
     With out_dir, rank 0 writes results.json (everything but records) and eval_records.jsonl; every
     record holds `rendered_prompt`, the prompt exactly as the model saw it (chat template applied).
     """
