@@ -26,6 +26,7 @@ from safebasin.safety_core.args import Section
 from safebasin.safety_core.demo.smollm2_data import LABELS
 
 MODEL = "builtin:smollm2-135m-instruct"
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STAGES = ("base", "aligned", "lora", "asft", "l2", "safe-lora", "restored", "restored_first_order",
           "lora_benign", "restored_benign")
 # What each stage's job reads from earlier stages (the basis comes with aligned).
@@ -74,7 +75,9 @@ class Smollm2Settings(Section):
                          "one after another; every stage's job gets runtime.threads = this")
     data: Smollm2Data = Field(default_factory=Smollm2Data)
     aligned: Stage = Field(default_factory=lambda: Stage(steps=160, lr=1e-4, examples=640, fraction=0.5))
-    aligned_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+    # Chosen on the development prompts (seed 0, 160 steps): every linear module gave dev prefill
+    # ASR 0.562 / HRR 0.062 / over-refusal 0.10, q/v only 0.700 / 0.025 / 0.18 (docs/results.md).
+    aligned_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR),
                                        description="module names the alignment trains (full-parameter)")
     dev_stages: list[str] = Field(default_factory=lambda: ["aligned"],
                                   description="stages also evaluated on the development prompts")
