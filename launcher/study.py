@@ -81,7 +81,7 @@ def cmd_study(args) -> int:
             torch.set_num_threads(study.threads)
             runs = parent(out, " (resumed)" if args.resume else "")
             try:
-                result = runner.run(plan, resolved, out, LauncherJobs(args.nproc), runs, resume=args.resume)
+                result = runner.run(plan, resolved, out, LauncherJobs(args.nproc), runs)
             except BaseException:
                 runs.end("FAILED")
                 raise

@@ -218,7 +218,7 @@ def test_users_llama_study_runs_on_the_tiny_model_and_resumes(tmp_path, aligned_
 
     # Resume: every stage finished, so nothing runs again and the numbers are the recorded ones.
     before = {p: p.stat().st_mtime for p in (out / "seed0").glob("*/results.json")}
-    again = runner.run(plan, resolved, out, _Explode(jobs), _Runs(), resume=True, log=lambda *a: None)
+    again = runner.run(plan, resolved, out, _Explode(jobs), _Runs(), log=lambda *a: None)
     assert again["per_seed"][0] == rows
     assert {p: p.stat().st_mtime for p in (out / "seed0").glob("*/results.json")} == before
     # An unfinished stage (no record of it finishing) runs again from the start, its folder moved
@@ -227,7 +227,7 @@ def test_users_llama_study_runs_on_the_tiny_model_and_resumes(tmp_path, aligned_
     del progress["stages"]["restored"]
     (out / "seed0" / "progress.json").write_text(json.dumps(progress))
     counting = _Counting(jobs)
-    third = runner.run(plan, resolved, out, counting, _Runs(), resume=True, log=lambda *a: None)
+    third = runner.run(plan, resolved, out, counting, _Runs(), log=lambda *a: None)
     assert counting.commands == ["restore", "eval", "eval"]
     assert list((out / "seed0").glob("restored.replaced-*"))
     assert third["per_seed"][0]["lora"] == rows["lora"]
@@ -235,7 +235,7 @@ def test_users_llama_study_runs_on_the_tiny_model_and_resumes(tmp_path, aligned_
     changed, _ = spec.read(LLAMA, _llama_overrides(base, aligned) + ["vars.attack.lr=0.5"])
     changed_plan = plan_mod.check(changed)
     with pytest.raises(StudyError, match="stage lora .* finished with another config"):
-        runner.run(changed_plan, runner.prepare(changed_plan, [0], out, jobs), out, jobs, _Runs(), resume=True,
+        runner.run(changed_plan, runner.prepare(changed_plan, [0], out, jobs), out, jobs, _Runs(),
                    log=lambda *a: None)
 
 

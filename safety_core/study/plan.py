@@ -1,18 +1,17 @@
 """What a study means, checked before anything runs: the outputs each stage makes, the order the
 references between stages impose (a cycle is refused, named), every `${...}` reference (a
 stage reading an output no stage makes is refused, named), the metrics each evaluated stage
-gets and the checks and plots that read them. Then, per seed, every config with its references
-filled in (`Resolved`). May import the study's spec, expr, metrics and builders modules.
+gets and the checks and plots that read them. May import the study's spec, expr, metrics and
+builders modules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from safebasin.safety_core.study import expr, metrics
 from safebasin.safety_core.study.builders import DATA_BUILDERS, builder_problem
-from safebasin.safety_core.study.spec import Stage, Study, StudyError, merge
+from safebasin.safety_core.study.spec import Stage, Study, StudyError
 
 ROOTS = ("seed", "vars", "out", "data", "models", "stages")
 JOB_COMMANDS = ("train", "restore", "eval")
@@ -238,71 +237,3 @@ def _order(names: list[str], deps: dict[str, list[str]]) -> tuple[list[str], lis
         if cycle:
             return [], cycle
     return order, None
-
-
-@dataclass
-class Resolved:
-    """One seed's study with every reference filled in."""
-    seed: int
-    root: Path
-    scope: dict
-    data: dict  # {"builders": {name: (builder, args)}, "pools": {name: {...}}}
-    models: dict  # name -> str (a path, hub id or builtin) or (builder, args)
-    stages: dict[str, dict]  # name -> resolved config
-    suites: dict[str, dict]  # name -> {"eval", "model", "job", "metrics"}
-
-
-def resolve(plan: Plan, seed: int, root: Path) -> Resolved:
-    """Every config of one seed (root: its folder), references filled in; a reference that cannot
-    be read (a missing vars key, a bad expression) is a StudyError naming where it is."""
-    study, problems = plan.study, []
-    scope: dict = {"seed": seed, "out": str(root)}
-
-    def fill(value, where: str):
-        def one(text: str, key: str):
-            try:
-                return expr.substitute(text, scope)
-            except expr.ExprError as e:
-                problems.append(f"{where}{'.' + key if key else ''}: {e}")
-                return text
-        return expr.walk_strings(value, one)
-    scope["vars"] = fill(study.vars, "vars")
-    scope["data"] = {n: str(root / "data" / f"{n}.jsonl") for n in plan.data_names}
-    data = {"builders": {n: (b.builder, fill(b.args, f"data.builders.{n}.args"))
-                         for n, b in study.data.builders.items()},
-            "pools": {n: fill(p.model_dump(), f"data.pools.{n}") for n, p in study.data.pools.items()}}
-    models = {}
-    for n, m in study.models.items():
-        models[n] = fill(m, f"models.{n}") if isinstance(m, str) else (m.builder, fill(m.args, f"models.{n}.args"))
-    scope["models"] = {n: m if isinstance(m, str) else str(root / "models" / n) for n, m in models.items()}
-    scope["stages"] = {}
-    stages = {}
-    for name in plan.order:
-        stage = study.stages[name]
-        raw = merge(study.defaults, stage.config) if stage.command in ("train", "restore") else stage.config
-        cfg = fill(raw, f"stages.{name}.config")
-        folder = root / name
-        out = {"dir": str(folder)}
-        if stage.command in JOB_COMMANDS:
-            cfg = merge(cfg, {"output": {"dir": str(folder)}})
-        made = outputs(stage)
-        if stage.command == "model":
-            out["model"] = cfg.get("path")
-        elif "adapter" in made and stage.command != "safe-lora-project":
-            out["adapter"], out["model"] = str(folder / "adapter"), (cfg.get("model") or {}).get("path")
-        elif stage.command in ("train", "restore"):
-            out["model"] = str(folder / "model")
-        elif stage.command == "align-basis":
-            out["basis"] = str(folder)
-        elif stage.command == "safe-lora-project":
-            out["adapter"] = str(folder / "adapter")
-            origin = projected_from(stage)
-            if origin:
-                out["model"] = scope["stages"][origin].get("model")
-        scope["stages"][name] = out
-        stages[name] = cfg
-    suites = {n: {"eval": fill(s.eval, f"evals.{n}.eval"), "model": fill(s.model, f"evals.{n}.model"),
-                  "job": fill(s.job, f"evals.{n}.job"), "metrics": s.metrics} for n, s in study.evals.items()}
-    if problems:
-        raise StudyError(problems)
-    return Resolved(seed, root, scope, data, models, stages, suites)

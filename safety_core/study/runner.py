@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from safebasin.safety_core.study import local, report
-from safebasin.safety_core.study.plan import JOB_COMMANDS, Plan, Resolved, resolve
+from safebasin.safety_core.study.plan import JOB_COMMANDS, Plan
+from safebasin.safety_core.study.resolve import Resolved, resolve
 from safebasin.safety_core.study.seed import Context, Jobs, eval_job, run_seed
 from safebasin.safety_core.study.spec import StudyError
 
@@ -53,10 +54,10 @@ def prepare(plan: Plan, seeds: list[int], out: Path, jobs: Jobs) -> dict[int, Re
     return resolved
 
 
-def run(plan: Plan, resolved: dict[int, Resolved], out: Path, jobs: Jobs, runs, *, resume: bool = False,
-        log=print) -> dict:
+def run(plan: Plan, resolved: dict[int, Resolved], out: Path, jobs: Jobs, runs, *, log=print) -> dict:
+    """Every seed's stages not finished before (a resumed folder keeps the finished ones)."""
     t0 = time.perf_counter()
-    ctx = Context(plan, jobs, runs, out.resolve() / "evals", resume, log)
+    ctx = Context(plan, jobs, runs, out.resolve() / "evals", log)
     per_seed, seconds, run_ids, plots = {}, {}, {}, {}
     for seed, r in resolved.items():
         log(f"[study {plan.study.name}] seed {seed} ({len(per_seed) + 1} of {len(resolved)})")

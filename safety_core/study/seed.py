@@ -15,7 +15,8 @@ from typing import Callable, Protocol
 
 from safebasin.safety_core.study import evalcache, local, metrics
 from safebasin.safety_core.study.builders import DATA_BUILDERS, MODEL_BUILDERS, write_pool
-from safebasin.safety_core.study.plan import JOB_COMMANDS, Plan, Resolved
+from safebasin.safety_core.study.plan import JOB_COMMANDS, Plan
+from safebasin.safety_core.study.resolve import Resolved
 from safebasin.safety_core.study.progress import Progress, digest
 from safebasin.safety_core.study.spec import StudyError, merge
 
@@ -38,7 +39,6 @@ class Context:
     jobs: Jobs
     runs: Runs
     evals_root: Path
-    resume: bool
     log: Callable[[str], None] = print
 
 
