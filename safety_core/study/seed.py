@@ -97,9 +97,10 @@ def run_seed(ctx: Context, r: Resolved) -> dict:
         suites = [s for s, suite in study.evals.items() if name in suite.stages]
         if suites:
             rows[name] = _evaluate(ctx, r, name, suites, progress, identify)
-            ctx.runs.adopt(f"seed{r.seed}/{name}", progress.stages[name]["run_id"],
-                           {f"eval_{k}": v for k, v in rows[name].items() if v is not None})
             ctx.log(f"{say} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items() if v is not None))
+        # Every stage's run is nested under the study's parent run, an evaluated one with its numbers.
+        ctx.runs.adopt(f"seed{r.seed}/{name}", progress.stages[name]["run_id"],
+                       {f"eval_{k}": v for k, v in rows.get(name, {}).items() if v is not None})
     return {"stages": rows, "seconds": {n: rec["seconds"] for n, rec in progress.stages.items()},
             "run_ids": {n: rec["run_id"] for n, rec in progress.stages.items()}}
 
