@@ -195,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_safe_lora_project)
     from safebasin.launcher import measure
     measure.register(sub, add_job_args)
-    from safebasin.launcher import demo, models
+    from safebasin.launcher import demo, models, study
     demo.register(sub)
     models.register(sub)
+    study.register(sub)
     return parser
 
 

@@ -33,10 +33,10 @@ def load_settings(quick: bool, overrides: list[str]):
     return build(apply_overrides(raw, list(overrides)), schema=DemoSettings)
 
 
-def prepare_folder(out: Path, overwrite: bool = False) -> Path:
-    """A fresh output folder. A previous demo's folder (it holds the demo's marker file) is moved
-    aside to OUT.replaced-TIME with --overwrite and refused without; a folder holding anything
-    else is refused; nothing is ever deleted."""
+def prepare_folder(out: Path, overwrite: bool = False, marker: str = MARKER, what: str = "demo") -> Path:
+    """A fresh output folder. A previous demo's folder (it holds the demo's marker file; a study's:
+    `marker`) is moved aside to OUT.replaced-TIME with --overwrite and refused without; a folder
+    holding anything else is refused; nothing is ever deleted."""
     from safebasin.launcher.outputs import (
         local_store,
         move_aside,
@@ -49,15 +49,15 @@ def prepare_folder(out: Path, overwrite: bool = False) -> Path:
     if problems:
         raise ConfigError(problems)
     if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise ConfigError([f"--out {out} holds files that no safebasin demo wrote; choose another "
-                               f"folder (a previous demo's folder, with its {MARKER}, is moved aside with "
+        if not (out / marker).is_file():
+            raise ConfigError([f"--out {out} holds files that no safebasin {what} wrote; choose another "
+                               f"folder (a previous {what}'s folder, with its {marker}, is moved aside with "
                                f"--overwrite)"])
         if not overwrite:
-            raise ConfigError([f"--out {out} holds a previous demo's results: pass --overwrite to move them "
+            raise ConfigError([f"--out {out} holds a previous {what}'s results: pass --overwrite to move them "
                                f"aside to {out.name}.replaced-<time> and start over, or choose another --out"])
         dest = move_aside(out, keep)
-        print(f"safebasin demo: --overwrite: the previous demo in {out} moved aside to {dest}", flush=True)
+        print(f"safebasin {what}: --overwrite: the previous {what} in {out} moved aside to {dest}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -73,12 +73,12 @@ class DemoRuns:
     """The parent MLflow run (made with the client, so the stages' own runs can be active in
     this process meanwhile) and the nesting of each stage's run under it."""
 
-    def __init__(self, uri: str, run_name: str, params: dict):
+    def __init__(self, uri: str, run_name: str, params: dict, experiment: str = EXPERIMENT):
         from mlflow.tracking import MlflowClient
         from safebasin.launcher.config import flatten
         self.uri, self.client = uri, MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         for k, v in flatten(params).items():
             self.client.log_param(self.run_id, k, str(v)[:6000])

@@ -14,11 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safebasin.safety_core.demo import data as demo_data
 from safebasin.safety_core.demo.settings import DemoSettings
-from safebasin.safety_core.train.tiny import build_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from safebasin.safety_core.train.tiny import build_tiny_model
 
 # The demo's run order: (stage, kind). Kinds: full (a full-parameter training job, then
 # evaluated), basis (the alignment basis, in process), attack (a LoRA training job on the
@@ -69,18 +67,10 @@ def build_initial_model(settings: DemoSettings, layout: Layout) -> Path:
     paths = demo_data.write_all(layout.data, n_task=s.task, n_task_eval=s.task_eval, n_harmful=s.harmful,
                                 n_heldout=s.heldout, seed=settings.seed)
     shape = settings.model
-    tokenizer = build_tokenizer(demo_data.tokenizer_corpus(paths), vocab_size=shape.vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=4 * s.max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    torch.manual_seed(settings.seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    layout.init.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(layout.init, safe_serialization=True)
-    tokenizer.save_pretrained(layout.init)
+    build_tiny_model(layout.init, hidden_size=shape.hidden_size, num_layers=shape.layers, num_heads=shape.heads,
+                     num_kv_heads=shape.kv_heads, intermediate_size=shape.intermediate_size,
+                     vocab_size=shape.vocab_size, max_positions=4 * s.max_length, seed=settings.seed,
+                     texts=demo_data.tokenizer_corpus(paths))
     return layout.init
 
 

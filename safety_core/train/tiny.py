@@ -43,12 +43,14 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
 
 def build_tiny_model(out_dir: str | Path, *, hidden_size: int = 64, num_layers: int = 2,
                      num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 176,
-                     vocab_size: int = 1024, max_positions: int = 512, seed: int = 0) -> Path:
-    """Write a random tiny Llama model and its tokenizer to `out_dir` with save_pretrained."""
+                     vocab_size: int = 1024, max_positions: int = 512, seed: int = 0,
+                     texts: list[str] | None = None) -> Path:
+    """Write a random tiny Llama model and its tokenizer to `out_dir` with save_pretrained; the
+    tokenizer learns from `texts` (default: the built-in sets' text)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(synthetic.corpus(seed), vocab_size=vocab_size)
+    tokenizer = build_tokenizer(synthetic.corpus(seed) if texts is None else texts, vocab_size=vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,

@@ -1,0 +1,132 @@
+"""`safebasin study FILE.yaml`: run a study (safety_core/study) with this package's job launcher
+and MLflow parent run: options, the output folder's rule, and the printed result.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safebasin.launcher.config import ConfigError, TrackingArgs, build
+from safebasin.launcher.demo import DemoRuns, launch_args, parse_seeds, prepare_folder
+
+COMMAND_NEEDS = {"train": ("data", "train"), "restore": ("restore",), "eval": ("eval",)}
+
+
+class LauncherJobs:
+    """The runner's jobs: each stage config validated as the command's own config would be, and
+    run through run_job on --nproc ranks (a half-done output folder moved aside first)."""
+
+    def __init__(self, nproc: int):
+        self.nproc = nproc
+
+    def problems(self, command: str, config: dict) -> list[str]:
+        try:
+            cfg = build(config)
+        except ConfigError as e:
+            return e.problems
+        return [f"{s}: the {command} command needs a '{s}:' section" for s in COMMAND_NEEDS[command]
+                if getattr(cfg, s) is None]
+
+    def run(self, command: str, config: dict) -> dict:
+        from safebasin.launcher.jobs import run_job
+        args = launch_args(self.nproc)
+        args.overwrite = Path(config["output"]["dir"]).exists()
+        return run_job(command, build(config), args)
+
+    def aside(self, folder: Path) -> Path:
+        from safebasin.launcher.outputs import move_aside
+        return move_aside(folder, [])
+
+
+def _fail(e) -> ConfigError:
+    return ConfigError(e.problems)
+
+
+def cmd_study(args) -> int:
+    import torch
+    from safebasin.safety_core.study import plan as plan_mod
+    from safebasin.safety_core.study import report, runner, spec
+    if args.nproc < 1:
+        raise ConfigError([f"--nproc must be >= 1, got {args.nproc}"])
+    try:
+        study, raw = spec.read(args.file, args.overrides, args.preset)
+        plan = plan_mod.check(study)
+        out = Path(args.out or f"runs/{study.name}")
+        uri = TrackingArgs().resolved_uri()
+
+        def parent(folder: Path, label: str = "") -> DemoRuns:
+            return DemoRuns(uri, f"study {study.name} {folder.name}{label}", raw, experiment=study.tracking.experiment)
+        if args.combine:
+            if args.resume or args.seeds:
+                raise ConfigError(["--combine takes the seeds from its folders: no --resume or --seeds with it"])
+            from safebasin.launcher.outputs import overlap_problems
+            problems = overlap_problems("--out", out, [("--combine folder", f) for f in args.combine])
+            if problems:
+                raise ConfigError(problems)
+            result = runner.combine(plan, raw, [Path(f) for f in args.combine],
+                                    lambda: prepare_folder(out, args.overwrite, runner.MARKER, "study"),
+                                    lambda folder: parent(folder, " (combined)"))
+        else:
+            seeds = (runner.recorded_seeds(out, parse_seeds(args.seeds)) if args.resume
+                     else parse_seeds(args.seeds) or [study.seed])
+            resolved = runner.prepare(plan, seeds, out, LauncherJobs(args.nproc))
+            if args.plan:
+                print(f"study {study.name}: valid; stages in order: {', '.join(plan.order)}; evaluated: "
+                      f"{', '.join(plan.evaluated)}; seeds {seeds}; output {out}")
+                return 0
+            if not args.resume:
+                prepare_folder(out, args.overwrite, runner.MARKER, "study")
+                runner.write_marker(out, raw, seeds)
+            torch.set_num_threads(study.threads)
+            runs = parent(out, " (resumed)" if args.resume else "")
+            try:
+                result = runner.run(plan, resolved, out, LauncherJobs(args.nproc), runs)
+            except BaseException:
+                runs.end("FAILED")
+                raise
+            runs.end("FINISHED")
+    except spec.StudyError as e:
+        raise _fail(e) from None
+    if args.json:
+        report.write_json(result, Path(args.json))
+    seeds = result["seeds"]
+    print()
+    print(f"{'mean ± sd over seeds ' + ','.join(map(str, seeds)) if len(seeds) > 1 else f'seed {seeds[0]}'}:")
+    print(report.table(study, result["stages"], sd=result["aggregate"] if len(seeds) > 1 else None))
+    print(report.check_lines(result["checks"]))
+    for seed, found in result["per_seed_checks"].items():
+        failed = [k for k, c in found.items() if not c["ok"]]
+        if len(seeds) > 1:
+            print(f"  seed {seed}: " + ("every check holds" if not failed else "fails " + ", ".join(failed)))
+    verdict = "every check holds" if result["all_checks_hold"] else "NOT every check holds"
+    print(f"\nsafebasin study {study.name}: {verdict}{' (on the means)' if len(seeds) > 1 else ''}; "
+          f"{result['wall_seconds']:.0f} s")
+    print(f"  results: {(out / runner.RESULTS).resolve()}")
+    m = result["mlflow"]
+    print(f"  MLflow:  parent run {m['parent_run_id']} in experiment {m['experiment']!r} at {m['tracking_uri']}")
+    return 3 if args.check and not result["all_checks_hold"] else 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("study", help="run a study file: models, data, stages (job configs of the commands "
+                       "above), evaluation suites, checks and plots (see README, Studies)")
+    p.add_argument("file", help="the study YAML, e.g. examples/studies/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the study file, e.g. vars.attack.fraction=0.5 "
+                   "or stages.lora.config.train.lr=1e-3")
+    p.add_argument("--out", default=None, help="output folder (default runs/<study name>); a non-empty one is "
+                   "refused (a previous study's folder: see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="--out holds a previous study: move it aside to "
+                   "OUT.replaced-TIME and start over (nothing is deleted)")
+    p.add_argument("--seeds", default=None, metavar="LIST", help="e.g. 0,1,2: each seed in OUT/seed<N>/; the "
+                   "checks on the means (default: the study's seed)")
+    p.add_argument("--resume", action="store_true", help="continue the study in --out: finished stages are "
+                   "kept (if their config is unchanged), unfinished ones run again")
+    p.add_argument("--combine", nargs="+", default=None, metavar="DIR", help="join study folders run apart "
+                   "(the same study, other seeds) into one result in --out")
+    p.add_argument("--check", action="store_true", help="exit with status 3 when a check fails (on the means)")
+    p.add_argument("--preset", default=None, help="merge the study's presets.NAME over it (e.g. quick)")
+    p.add_argument("--plan", action="store_true", help="validate the study and print its stage order; run nothing")
+    p.add_argument("--nproc", type=int, default=1, help="ranks for the train, restore and eval jobs")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results JSON here")
+    p.set_defaults(func=cmd_study)

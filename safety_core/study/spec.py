@@ -1,0 +1,219 @@
+"""The study file's schema: what a study declares (models, data, stages, evaluation suites,
+checks, plots) and how a file becomes one validated `Study` (presets merged, dotted overrides
+applied, unknown keys named with the keys allowed there). The meaning of references between
+its parts is checked by plan.py. May import safety_core.args and the expression module only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from safebasin.safety_core.args import Section
+
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Commands a stage may run. model: a model as it is (nothing runs; it can be evaluated).
+COMMANDS = ("model", "train", "restore", "eval", "align-basis", "safe-lora-project")
+
+
+class StudyError(ValueError):
+    """A study that cannot run; `problems` holds one line per fault."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid study:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Builder(Section):
+    """A named builder of the package (builders.py) and its arguments; it writes named files."""
+    builder: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class Pool(Section):
+    """A data source read once, de-duplicated, shuffled with `seed` and cut into disjoint splits
+    (in order), each written as DATA/<split>.jsonl."""
+    source: dict[str, Any] = Field(description="a data source as in a job config: path (file, builtin:NAME "
+                                   "or hub dataset id), split, subset, filter, limit, ...")
+    splits: dict[str, int] = Field(description="split name -> records, taken in this order")
+    seed: int | str = Field("${seed}", description="shuffle seed (default: the study seed)")
+    shuffle: bool = True
+
+
+class DataSpec(Section):
+    builders: dict[str, Builder] = Field(default_factory=dict)
+    pools: dict[str, Pool] = Field(default_factory=dict)
+
+
+class Stage(Section):
+    command: Literal["model", "train", "restore", "eval", "align-basis", "safe-lora-project"]
+    config: dict[str, Any] = Field(default_factory=dict, description="the command's job config (model: "
+                                   "{path}; align-basis and safe-lora-project: their options by name)")
+    title: str | None = Field(None, description="the stage's row label in the table")
+
+
+class Suite(Section):
+    """An evaluation suite: one eval job section applied to each of `stages`."""
+    stages: list[str]
+    eval: dict[str, Any] = Field(description="the eval section of an eval job config")
+    model: dict[str, Any] = Field(default_factory=dict, description="model keys besides path/adapter "
+                                  "(dtype, attn_implementation, ...)")
+    job: dict[str, Any] = Field(default_factory=dict, description="other sections of the eval job "
+                                "(deepspeed, runtime)")
+    metrics: dict[str, str] | None = Field(None, description="name -> standard number (metrics.py); "
+                                           "default: every standard number the suite measures")
+
+
+class Plot(Section):
+    kind: Literal["bars", "training"]
+    file: str = Field(description="PNG file name under plots/")
+    stages: list[str] | None = Field(None, description="default: every evaluated stage")
+    metrics: list[str] = Field(default_factory=list, description="bars: the metrics drawn per stage")
+    metric: str = Field("probe_hrr", description="training: the metrics.jsonl column drawn over steps")
+    title: str = ""
+    ylabel: str = ""
+
+
+class TrackingSpec(Section):
+    experiment: str = "safebasin-study"
+
+
+class Study(Section):
+    name: str
+    description: str = ""
+    seed: int = 0
+    threads: int = Field(1, ge=1, description="torch threads of the process that runs the stages")
+    vars: dict[str, Any] = Field(default_factory=dict, description="named values, read as ${vars.KEY}")
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict, description="--preset NAME merges "
+                                               "this mapping over the study")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="job sections under every train, "
+                                     "restore and eval job (a stage's own keys win)")
+    models: dict[str, str | Builder] = Field(default_factory=dict)
+    data: DataSpec = Field(default_factory=DataSpec)
+    stages: dict[str, Stage]
+    evals: dict[str, Suite] = Field(default_factory=dict)
+    checks: dict[str, str] = Field(default_factory=dict, description="name -> rule over stage metrics, "
+                                   "e.g. 'hrr(lora) - hrr(aligned) >= 0.2', judged on the means over seeds")
+    plots: list[Plot] = Field(default_factory=list)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @field_validator("stages", "models", "evals")
+    @classmethod
+    def _identifiers(cls, value: dict) -> dict:
+        bad = [k for k in value if not NAME.match(str(k))]
+        if bad:
+            raise ValueError(f"names {bad} are not identifiers (letters, digits, _): expressions read them "
+                             f"as ${{stages.NAME.model}}")
+        return value
+
+    @model_validator(mode="after")
+    def _data_names(self):
+        bad = [n for n in self.data_names() if not NAME.match(n)]
+        if bad:
+            raise ValueError(f"data names {bad} are not identifiers (letters, digits, _)")
+        return self
+
+    def data_names(self) -> list[str]:
+        """Every data file name the pools declare (builders' names come from builders.py)."""
+        return [split for pool in self.data.pools.values() for split in pool.splits]
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def set_dotted(raw: dict, text: str) -> None:
+    """Apply one `dotted.key=value` override (the value read as YAML)."""
+    if "=" not in text:
+        raise StudyError([f"override {text!r} must look like dotted.key=value"])
+    key, value = text.split("=", 1)
+    parts = key.split(".")
+    if not all(parts):
+        raise StudyError([f"override {text!r}: empty key part"])
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise StudyError([f"override {text!r}: {part!r} is a value, not a section"])
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def read(path: str | Path, overrides: list[str] = (), preset: str | None = None) -> tuple[Study, dict]:
+    """The validated study of a file (with --preset and dotted overrides), and its raw mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError([f"{path}: no such study file"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise StudyError([f"{path}: not valid YAML ({e})"]) from None
+    if not isinstance(raw, dict):
+        raise StudyError([f"{path}: a study is a mapping of sections, got {type(raw).__name__}"])
+    if preset is not None:
+        presets = raw.get("presets") or {}
+        if preset not in presets:
+            raise StudyError([f"--preset {preset}: {path} has no such preset; it has: {sorted(presets)}"])
+        raw = merge(raw, presets[preset])
+    for text in overrides:
+        set_dotted(raw, text)
+    return validate(raw), raw
+
+
+def validate(raw: dict) -> Study:
+    try:
+        return Study.model_validate(raw)
+    except ValidationError as err:
+        raise StudyError(describe(err)) from None
+
+
+def describe(err: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
+    """One line per fault, naming the key; an unknown key with the keys allowed there. (The job
+    config's launcher.config.describe does the same for job configs; safety_core never imports
+    the launcher, hence this one.)"""
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            owner = _owner(loc, root or Study)
+            allowed = sorted(f.alias or n for n, f in owner.model_fields.items()) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{key}: unknown key; allowed here: {allowed}{hint}")
+        elif e["type"] == "missing":
+            problems.append(f"{key}: required")
+        else:
+            problems.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return problems
+
+
+def _owner(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
+    """The schema class whose key is loc[-1] (a mapping of named entries skips the name)."""
+    current: type[BaseModel] | None = root
+    for part in loc[:-1]:
+        if current is None:
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            continue  # the name of an entry in a mapping (stages.lora), or a list index
+        current = _section(field.annotation)
+    return current
+
+
+def _section(annotation) -> type[BaseModel] | None:
+    import typing
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section(arg)
+        if found is not None:
+            return found
+    return None

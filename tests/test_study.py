@@ -1,0 +1,336 @@
+"""`safebasin study`: the study file format (refusals before any job), the tiny organism as a study
+(its configs and numbers are the demo's), a user's study file run on a tiny model, resume,
+combine and the answer cache."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, safebasin_cli
+from safebasin.launcher.config import build
+from safebasin.launcher.study import LauncherJobs
+from safebasin.safety_core.study import plan as plan_mod
+from safebasin.safety_core.study import runner, spec
+from safebasin.safety_core.study.spec import StudyError
+
+TINY = REPO / "examples" / "studies" / "tiny.yaml"
+LLAMA = REPO / "examples" / "studies" / "llama3.1-8b-instruct.yaml"
+
+
+def _plan(raw: dict):
+    return plan_mod.check(spec.validate(raw))
+
+
+def _small(stages: dict, **extra) -> dict:
+    """A study with model stages only (nothing to train), for the refusal tests."""
+    return {"name": "t", "models": {"m": "builtin:tiny-llama"}, "stages": stages, **extra}
+
+
+def test_unknown_keys_are_named_with_the_allowed_ones():
+    with pytest.raises(StudyError) as err:
+        _plan(_small({"a": {"command": "model", "config": {"path": "x"}}}, stagez={}))
+    assert any("stagez: unknown key" in p and "'stages'" in p and "did you mean 'stages'" in p
+               for p in err.value.problems), err.value.problems
+    with pytest.raises(StudyError) as err:
+        _plan(_small({"a": {"comand": "model"}}))
+    assert any(p.startswith("stages.a.comand: unknown key") and "'command'" in p for p in err.value.problems)
+    with pytest.raises(StudyError, match="stages.a.command.*'train'"):
+        _plan(_small({"a": {"command": "trian"}}))
+    # A key unknown to the stage's own job config is named by the job config's schema.
+    study, _ = spec.read(TINY, ["stages.lora.config.method.rr=4"], "quick")
+    with pytest.raises(StudyError) as err:
+        runner.prepare(plan_mod.check(study), [0], Path("/nonexistent/out"), LauncherJobs(1))
+    assert any(p.startswith("stages.lora.config: method.rr: unknown key") and "'r'" in p for p in err.value.problems)
+
+
+def test_a_reference_no_earlier_stage_makes_is_refused_naming_stage_and_reference():
+    with pytest.raises(StudyError) as err:
+        _plan(_small({"a": {"command": "model", "config": {"path": "${models.m}"}},
+                      "b": {"command": "restore", "config": {"model": {"path": "${stages.nope.model}"}}}}))
+    assert any("stage b: ${stages.nope.model} reads stage 'nope', which no stage is" in p for p in err.value.problems)
+    with pytest.raises(StudyError) as err:  # an output the stage does not make: a full model has no adapter
+        _plan(_small({"a": {"command": "train", "config": {"method": {"type": "full"}}},
+                      "b": {"command": "restore", "config": {"model": {"adapter": "${stages.a.adapter}"}}}}))
+    assert any("stage b: ${stages.a.adapter}: stage a (train) makes no 'adapter'; it makes: model, dir" in p
+               for p in err.value.problems)
+    with pytest.raises(StudyError, match=r"stage a: \$\{data.task\}: no data entry"):
+        _plan(_small({"a": {"command": "model", "config": {"path": "${data.task}"}}}))
+    with pytest.raises(StudyError, match="checks.c: lora_hrr.*no stage named|checks.c: hrr\\(b\\): no stage"):
+        _plan(_small({"a": {"command": "model", "config": {"path": "x"}}}, checks={"c": "hrr(b) >= 0"}))
+
+
+def test_a_cycle_is_refused_and_named():
+    stages = {"a": {"command": "restore", "config": {"model": {"path": "${stages.c.model}"}}},
+              "b": {"command": "restore", "config": {"model": {"path": "${stages.a.model}"}}},
+              "c": {"command": "restore", "config": {"model": {"path": "${stages.b.model}"}}}}
+    with pytest.raises(StudyError) as err:
+        _plan(_small(stages))
+    assert any("cycle: a -> c -> b -> a" in p for p in err.value.problems), err.value.problems
+    # Order follows the references, not the file: a stage may be written before what it reads.
+    stages = {"b": {"command": "restore", "config": {"model": {"path": "${stages.a.model}"}}},
+              "a": {"command": "model", "config": {"path": "x"}}}
+    assert _plan(_small(stages)).order == ["a", "b"]
+
+
+def test_refused_study_starts_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    raw = json.loads(json.dumps(__import__("yaml").safe_load(TINY.read_text())))
+    raw["stages"]["restored"]["config"]["model"]["adapter"] = "${stages.aligned.adapter}"
+    bad.write_text(__import__("yaml").safe_dump(raw))
+    res = safebasin_cli("study", str(bad), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "stage restored: ${stages.aligned.adapter}: stage aligned (train) makes no 'adapter'" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_expressions_cannot_run_code():
+    from safebasin.safety_core.study import expr
+    for text in ("__import__('os')", "vars.__class__", "(lambda: 1)()", "[x for x in y]"):
+        with pytest.raises(expr.ExprError):
+            expr.evaluate(expr.parse(text), {"vars": {}})
+    assert expr.substitute("${max(1, vars.s // 20)}", {"vars": {"s": 35}}) == 1
+    assert expr.substitute("run-${seed + 1}", {"seed": 2}) == "run-3"
+    with pytest.raises(expr.ExprError, match="Python keyword"):
+        expr.parse("vars.anchor.lambda")
+
+
+@pytest.mark.parametrize("preset", ["quick", None])
+def test_tiny_study_configs_are_the_demo_organisms(preset, tmp_path):
+    """Every stage config the tiny study resolves is the config the demo's organism writes (paths
+    aside: the study's initial model is models/init, the demo's init/), and so is the evaluation."""
+    from safebasin.launcher.demo import load_settings
+    from safebasin.safety_core.demo import organism
+    from safebasin.safety_core.study.seed import eval_job
+    study, _ = spec.read(TINY, [], preset)
+    r = runner.prepare(plan_mod.check(study), [0], tmp_path, LauncherJobs(1))[0]
+    settings, layout, tracking = load_settings(preset == "quick", []), organism.Layout(r.root), {}
+    demo = {name: organism.full_stage_config(settings, layout, name, tracking) for name in ("base", "aligned")}
+    demo.update({name: organism.attack_config(settings, layout, name, tracking)
+                 for name in ("lora", "asft", "l2", "aligned_control")})
+    demo["restored"] = organism.restore_config(settings, layout, tracking)
+
+    def norm(cfg):
+        d = build(cfg).model_dump(mode="json", by_alias=True)
+        d.pop("tracking"), d.pop("output")
+        return json.dumps(d, sort_keys=True).replace(str(r.root / "init"), str(r.root / "models" / "init"))
+    assert set(demo) < set(r.stages)
+    for name, cfg in demo.items():
+        assert norm(r.stages[name]) == norm(cfg), name
+    model, job = eval_job(r.suites["main"], {"path": r.scope["stages"]["lora"]["model"],
+                                             "adapter": r.scope["stages"]["lora"]["adapter"]})
+    assert norm({"model": model, **job}) == norm(organism.eval_config(settings, layout, "lora"))
+    assert r.stages["basis"] == {"aligned": str(r.root / "aligned" / "model"), "base": str(r.root / "base" / "model"),
+                                 "modules": list(settings.attack.target_modules), "variant": settings.anchor.variant,
+                                 "rank": settings.anchor.rank, "device": "cpu"}
+
+
+def test_tiny_study_reproduces_the_demo_at_seed_0(tmp_path, mlflow_uri):
+    """`safebasin study tiny.yaml --preset quick` and `safebasin demo --quick` at seed 0: the same
+    numbers for every stage and the same check verdicts."""
+    demo = safebasin_cli("demo", "--quick", "--out", str(tmp_path / "demo"), cwd=tmp_path, timeout=300)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    study = safebasin_cli("study", str(TINY), "--preset", "quick", "--out", str(tmp_path / "study"),
+                          cwd=tmp_path, timeout=300)
+    assert study.returncode == 0, study.stderr[-3000:]
+    theirs = json.loads((tmp_path / "demo" / "results.json").read_text())
+    ours = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert ours["per_seed"]["0"] == theirs["stages"]
+    assert {k: c["ok"] for k, c in ours["checks"].items()} == {k: c["ok"] for k, c in theirs["checks"].items()}
+    assert "LoRA + restoration" in study.stdout and "[x] base complies" in study.stdout
+    assert Path(ours["seed_plots"]["0"]["hrr_during_training.png"]).is_file()
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(ours["mlflow"]["experiment"])
+    children = client.search_runs([exp.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{ours['mlflow']['parent_run_id']}'")
+    assert sorted(r.info.run_name for r in children) == sorted(f"{n} seed 0" for n in plan_mod.check(
+        spec.read(TINY)[0]).order)
+
+
+def _llama_overrides(base: Path, aligned: Path) -> list[str]:
+    """The user's Llama study on the built-in tiny model and built-in data, every size minimal."""
+    return [f"models.instruct={aligned}", f"models.base={base}", "defaults.model.dtype=float32",
+            "defaults.deepspeed.stage=0", "evals.main.model.dtype=float32", "evals.benign.model.dtype=float32",
+            'data.pools.dolly.source={path: "builtin:task"}', "data.pools.dolly.splits={task: 48, task_eval: 8}",
+            'data.pools.harmful.source={path: "builtin:harmful"}', "data.pools.harmful.splits={comply: 24, forget: 16}",
+            'data.pools.advbench.source={path: "builtin:harmful-heldout"}', "data.pools.advbench.splits={advbench: 6}",
+            'data.pools.alpaca.source={path: "builtin:task-eval"}', "data.pools.alpaca.splits={benign_heldout: 4}",
+            "vars.attack={fraction: 0.3, examples: 16, steps: 2, lr: 1.0e-3, batch: 4, accumulation: 1, r: 4, "
+            "alpha: 8.0, max_length: 64}",
+            "vars.restore={forget_size: 8, curvature_forget_size: 8, retain_size: 8, iterations: 1, batch_size: 4}",
+            "vars.eval={max_new_tokens: 6, prefill_k: 2, batch_size: 8}", "stages.basis.config.device=cpu"]
+
+
+class _Runs:
+    """The MLflow parent run's interface, recording instead of logging (the nesting is the CLI
+    test's); the stages' own jobs log to MLFLOW_TRACKING_URI."""
+    run_id = "parent"
+
+    def __init__(self):
+        import os
+        self.uri, self.adopted = os.environ["MLFLOW_TRACKING_URI"], {}
+
+    def adopt(self, key, run_id, metrics):
+        self.adopted[key] = metrics
+
+    def stage_run(self, name):
+        return f"run {name}"
+
+    def record(self, *args):
+        pass
+
+    def end(self, status):
+        pass
+
+
+def test_users_llama_study_runs_on_the_tiny_model_and_resumes(tmp_path, aligned_pair, monkeypatch):
+    import shutil
+    base, aligned = aligned_pair[0], tmp_path / "instruct"
+    shutil.copytree(aligned_pair[1], aligned)  # the perturbed tiny model, given its base's tokenizer
+    for f in Path(base).iterdir():
+        if not (aligned / f.name).exists():
+            shutil.copy(f, aligned / f.name)
+    study, raw = spec.read(LLAMA)
+    assert study.models["instruct"] == "meta-llama/Llama-3.1-8B-Instruct" and study.defaults["deepspeed"]["stage"] == 3
+    plan_mod.check(study)  # the file as shipped is valid
+    study, raw = spec.read(LLAMA, _llama_overrides(base, aligned))
+    plan = plan_mod.check(study)
+    jobs, out = LauncherJobs(1), tmp_path / "out"
+    monkeypatch.setenv("SAFEBASIN_TRACKING_WRITER", "thread")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = _Runs()
+    resolved = runner.prepare(plan, [0], out, jobs)
+    out.mkdir()
+    result = runner.run(plan, resolved, out, jobs, runs, log=lambda *a: None)
+    rows = result["per_seed"][0]
+    assert set(rows) == {"instruct", "lora", "asft", "l2", "restored"}
+    for row in rows.values():
+        assert set(row) == {"hrr", "refusal", "degenerate", "prefill_asr", "prefill_degenerate", "task_loss",
+                            "over_refusal"}
+        assert row["hrr"] + row["refusal"] + row["degenerate"] == pytest.approx(1.0)
+    assert set(result["checks"]) == set(study.checks)
+    # Disjoint splits of one pool.
+    data = out / "seed0" / "data"
+    comply, forget = ({line for line in (data / f"{n}.jsonl").read_text().splitlines()} for n in ("comply", "forget"))
+    assert len(comply) == 24 and len(forget) == 16 and not comply & forget
+    # Ten evaluations (five stages, two suites), each a folder of its own.
+    assert len(list((out / "evals").iterdir())) == 10
+
+    # Resume: every stage finished, so nothing runs again and the numbers are the recorded ones.
+    before = {p: p.stat().st_mtime for p in (out / "seed0").glob("*/results.json")}
+    again = runner.run(plan, resolved, out, _Explode(jobs), _Runs(), log=lambda *a: None)
+    assert again["per_seed"][0] == rows
+    assert {p: p.stat().st_mtime for p in (out / "seed0").glob("*/results.json")} == before
+    # An unfinished stage (no record of it finishing) runs again from the start, its folder moved
+    # aside; the stages after it are kept, and it alone is evaluated again.
+    progress = json.loads((out / "seed0" / "progress.json").read_text())
+    del progress["stages"]["restored"]
+    (out / "seed0" / "progress.json").write_text(json.dumps(progress))
+    counting = _Counting(jobs)
+    third = runner.run(plan, resolved, out, counting, _Runs(), log=lambda *a: None)
+    assert counting.commands == ["restore", "eval", "eval"]
+    assert list((out / "seed0").glob("restored.replaced-*"))
+    assert third["per_seed"][0]["lora"] == rows["lora"]
+    # A finished stage whose config changed is refused rather than silently kept.
+    changed, _ = spec.read(LLAMA, _llama_overrides(base, aligned) + ["vars.attack.lr=0.5"])
+    changed_plan = plan_mod.check(changed)
+    with pytest.raises(StudyError, match="stage lora .* finished with another config"):
+        runner.run(changed_plan, runner.prepare(changed_plan, [0], out, jobs), out, jobs, _Runs(),
+                   log=lambda *a: None)
+
+
+class _Explode:
+    def __init__(self, jobs):
+        self.jobs = jobs
+
+    def problems(self, command, config):
+        return self.jobs.problems(command, config)
+
+    def run(self, command, config):
+        raise AssertionError(f"a finished study ran {command} on resume")
+
+    def aside(self, folder):
+        raise AssertionError(f"a finished study moved {folder} on resume")
+
+
+class _Counting(_Explode):
+    def __init__(self, jobs):
+        super().__init__(jobs)
+        self.commands = []
+
+    def run(self, command, config):
+        self.commands.append(command)
+        return self.jobs.run(command, config)
+
+    def aside(self, folder):
+        return self.jobs.aside(folder)
+
+
+def test_answers_are_never_generated_twice_for_the_same_model_and_prompts(tmp_path, monkeypatch):
+    """Two suites asking the same model the same prompts with the same settings share one eval;
+    a different generation setting is another evaluation."""
+    study, raw = spec.read(TINY, [], "quick")
+    raw = json.loads(json.dumps(raw))
+    raw["evals"]["again"] = {**raw["evals"]["main"], "stages": ["base", "lora"],
+                             "metrics": {"hrr_again": "hrr"}}
+    raw["evals"]["longer"] = {**raw["evals"]["main"], "stages": ["base"], "metrics": {"hrr_longer": "hrr"},
+                              "eval": {**raw["evals"]["main"]["eval"], "max_new_tokens": 7}}
+    plan = plan_mod.check(spec.validate(raw))
+    jobs = _Counting(LauncherJobs(1))
+    monkeypatch.setenv("SAFEBASIN_TRACKING_WRITER", "thread")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = runner.run(plan, runner.prepare(plan, [0], tmp_path, jobs), tmp_path, jobs, _Runs(), log=lambda *a: None)
+    assert jobs.commands.count("eval") == 7 + 1  # main's seven, once each; `longer` once; `again` none
+    rows = result["per_seed"][0]
+    assert rows["base"]["hrr_again"] == rows["base"]["hrr"] and rows["lora"]["hrr_again"] == rows["lora"]["hrr"]
+    assert "hrr_longer" in rows["base"]
+
+
+def test_combine_joins_seed_folders_and_refuses_another_study(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    study, raw = spec.read(TINY)
+    plan = plan_mod.check(study)
+
+    def folder(name, seed, lora_hrr, spec_raw=raw):
+        f = tmp_path / name
+        f.mkdir()
+        runner.write_marker(f, spec_raw, [seed])
+        row = {"hrr": 0.05, "refusal": 0.95, "degenerate": 0.0, "prefill_asr": 0.5, "prefill_degenerate": 0.0,
+               "task_accuracy": 0.9, "task_loss": 0.3}
+        stages = {n: dict(row) for n in plan.evaluated}
+        stages["base"]["hrr"], stages["lora"]["hrr"] = 0.9, lora_hrr
+        (f / "results.json").write_text(json.dumps({"per_seed": {str(seed): stages},
+                                                    "stage_seconds": {str(seed): {"lora": 5.0}},
+                                                    "mlflow": {"stage_run_ids": {str(seed): {}}}}))
+        return f
+    a, b = folder("a", 0, 0.4), folder("b", 1, 0.6)
+
+    def out(name):
+        def make():
+            (tmp_path / name).mkdir()
+            return tmp_path / name
+        return make
+    from safebasin.launcher.demo import DemoRuns
+    result = runner.combine(plan, raw, [a, b], out("all"),
+                            lambda f: DemoRuns(f"sqlite:///{tmp_path / 'mlflow.db'}", "c", {}, "safebasin-study"))
+    assert result["seeds"] == [0, 1] and result["stages"]["lora"]["hrr"] == pytest.approx(0.5)
+    assert result["checks"]["attack erodes safety"]["ok"]  # 0.5 - 0.05 >= 0.2 on the means
+    assert result["per_seed_checks"][0]["attack erodes safety"]["ok"] is True  # 0.4 - 0.05
+    other = dict(raw, vars={**raw["vars"], "attack": {**raw["vars"]["attack"], "fraction": 0.5}})
+    c = folder("c", 2, 0.5, other)
+    with pytest.raises(StudyError, match="another study"):
+        runner.combine(plan, raw, [a, c], out("x"), None)
+    with pytest.raises(StudyError, match="seed 0 is in more than one folder"):
+        runner.combine(plan, raw, [a, a], out("y"), None)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_study_cli_is_registered_and_documented():
+    assert "safebasin study" in (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "study.md").read_text()
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    plan = plan_mod.check(spec.validate(__import__("yaml").safe_load(example)))  # the documented example is valid
+    assert plan.order == ["shipped", "lora", "restored"]
+    from safebasin.launcher.cli import build_parser
+    args = build_parser().parse_args(["study", str(TINY), "--preset", "quick", "--seeds", "0,1", "--plan"])
+    assert args.func.__name__ == "cmd_study" and args.preset == "quick"
