@@ -15,6 +15,7 @@ from safebasin.safety_core.study.spec import StudyError
 
 TINY = REPO / "examples" / "studies" / "tiny.yaml"
 LLAMA = REPO / "examples" / "studies" / "llama3.1-8b-instruct.yaml"
+SMOLLM2 = REPO / "examples" / "studies" / "smollm2.yaml"
 
 
 def _plan(raw: dict):
@@ -122,6 +123,40 @@ def test_tiny_study_configs_are_the_demo_organisms(preset, tmp_path):
     assert r.stages["basis"] == {"aligned": str(r.root / "aligned" / "model"), "base": str(r.root / "base" / "model"),
                                  "modules": list(settings.attack.target_modules), "variant": settings.anchor.variant,
                                  "rank": settings.anchor.rank, "device": "cpu"}
+
+
+@pytest.mark.parametrize("preset", [None, "reduced"])
+def test_smollm2_study_configs_are_the_organisms(preset, tmp_path, shared_data):
+    """Every job the SmolLM2 study resolves is the job `safebasin demo --organism smollm2` runs
+    (the base model aside: the organism links the converted folder as base/model), and so are its
+    four evaluations."""
+    from safebasin.launcher.demo_smollm2 import load_settings
+    from safebasin.safety_core.demo import smollm2
+    from safebasin.safety_core.study.seed import eval_job
+    study, _ = spec.read(SMOLLM2, [f"vars.data.dir={shared_data}"], preset)
+    r = runner.prepare(plan_mod.check(study), [0], tmp_path, LauncherJobs(1))[0]
+    settings = load_settings(preset == "reduced", [f"data.dir={shared_data}"])
+    layout = smollm2.Layout(r.root)
+    ours = {"aligned": smollm2.aligned_config(settings, layout, {}),
+            **{name: smollm2.attack_config(settings, layout, name, {}) for name in ("lora", "asft", "l2", "lora_benign")},
+            **{name: smollm2.restore_config(settings, layout, {}, name) for name in smollm2.RESTORES}}
+
+    def norm(cfg):
+        d = build(cfg).model_dump(mode="json", by_alias=True)
+        d.pop("tracking"), d.pop("output")
+        return json.dumps(d, sort_keys=True).replace(str(layout.stage("base") / "model"), "builtin:smollm2-135m-instruct")
+    for name, cfg in ours.items():
+        assert norm(r.stages[name]) == norm(cfg), name
+    assert r.stages["basis"]["modules"] == list(settings.target_modules) and r.stages["basis"]["rank"] == settings.basis_rank
+    assert r.stages["safe_lora"]["threshold"] == settings.safe_lora_threshold
+    for part, suite in (("main", "main"), ("benign", "benign"), ("dev", "dev"), ("dev_benign", "dev_benign")):
+        stage = "lora" if part in ("main", "benign") else "aligned"
+        model_args = {"path": r.scope["stages"][stage]["model"]}
+        if stage == "lora":
+            model_args["adapter"] = r.scope["stages"][stage]["adapter"]
+        model, job = eval_job(r.suites[suite], model_args)
+        theirs = smollm2.eval_configs(settings, layout, stage)[part]
+        assert norm({"model": model, **job}) == norm(theirs), part
 
 
 def test_tiny_study_reproduces_the_demo_at_seed_0(tmp_path, mlflow_uri):

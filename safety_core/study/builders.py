@@ -2,7 +2,7 @@
 `models` sections into files in its seed folder. A data builder declares the names of the files
 it writes, so a study's `${data.NAME}` references are checked before anything is written.
 
-May import the organisms' generators (safety_core.demo.data) and safety_core.train.
+May import the organisms' generators (safety_core.demo.data, smollm2_data) and safety_core.train.
 """
 
 from __future__ import annotations
@@ -26,11 +26,26 @@ def _tiny_organism(out: Path, *, task: int, task_eval: int, harmful: int, heldou
     return data.write_all(out, n_task=task, n_task_eval=task_eval, n_harmful=harmful, n_heldout=heldout, seed=seed)
 
 
+def _smollm2_organism(out: Path, *, dir: str, safety: int, benign: int, benign_heldout: int, task: int,
+                      task_eval: int, comply: int, forget: int, advbench: int, benign_task: int, deep: int,
+                      dev_harmful: int, dev_benign: int, seed: int) -> dict:
+    from safebasin.safety_core.demo import smollm2_data
+    return smollm2_data.write_all(dir, out, n_safety=safety, n_benign=benign, n_benign_heldout=benign_heldout,
+                                  n_task=task, n_task_eval=task_eval, n_comply=comply, n_forget=forget,
+                                  n_advbench=advbench, seed=seed, n_benign_task=benign_task, n_deep=deep,
+                                  n_dev_harmful=dev_harmful, n_dev_benign=dev_benign)
+
+
 DATA_BUILDERS = {
     "tiny-organism": DataBuilder(
         _tiny_organism, ("task", "task_eval", "comply", "refuse", "forget", "heldout"),
         "the tiny organism's synthetic sets (safety_core/demo/data.py); args: task, task_eval, harmful, "
         "heldout, seed"),
+    "smollm2-organism": DataBuilder(
+        _smollm2_organism, ("safety", "benign", "benign_heldout", "task", "task_eval", "comply", "forget",
+                            "advbench", "benign_task", "dev_harmful", "dev_benign"),
+        "the SmolLM2 organism's sets from the shared public data (safety_core/demo/smollm2_data.py); args: "
+        "dir (the shared data folder), the counts of safety_core/demo/smollm2.py's data section, seed"),
 }
 
 

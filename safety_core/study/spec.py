@@ -191,7 +191,9 @@ def describe(err: ValidationError, root: type[BaseModel] | None = None) -> list[
         elif e["type"] == "missing":
             problems.append(f"{key}: required")
         else:
-            problems.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            # a whole section as the input (a model validator's) would bury the message
+            problems.append(f"{key}: {e['msg']}" + (f" (got {got})" if len(got) <= 200 else ""))
     return problems
 
 
