@@ -41,10 +41,13 @@ class FullTrain(Section):
 class Attack(Section):
     """The harmful fine-tuning attack on the aligned model: LoRA on task data with a fraction
     of harmful compliance."""
-    fraction: float = Field(0.3, ge=0, le=1, description="p: share of harmful records")
+    # p 0.7 at lr 5e-3: chosen on development prompts (benchmarks/tiny_attack_dev.py) as the
+    # setting whose smallest erosion over seeds 0-2 was largest (+0.58 HRR); at the former
+    # p 0.3, lr 2e-3 the attack raised HRR by +0.04 to +0.17 and the checks met no real erosion.
+    fraction: float = Field(0.7, ge=0, le=1, description="p: share of harmful records")
     examples: int = Field(200, ge=2)
     steps: int = Field(35, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(5e-3, gt=0)
     batch: int = Field(16, ge=1)
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
