@@ -29,10 +29,14 @@ from safebasin.safety_core.train.synthetic import heldout_prompts, write_jsonl
 
 SETTINGS = [  # (fraction, lr, steps)
     (0.3, 2e-3, 35), (0.5, 2e-3, 35), (0.7, 2e-3, 35), (0.3, 5e-3, 35), (0.5, 5e-3, 35), (0.7, 5e-3, 35),
+    (0.3, 3e-3, 35), (0.5, 3e-3, 35),
 ]
 
 
 def run(command: str, cfg: dict, path: Path) -> dict:
+    done = Path(cfg["output"]["dir"]) / "results.json"
+    if done.is_file():  # a finished job of an earlier invocation (the sweep resumes)
+        return json.loads(done.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     res = subprocess.run([sys.executable, "-m", "safebasin.launcher.cli", command, str(path)],
