@@ -325,12 +325,8 @@ def cmd(args) -> int:
     seeds = parse_seeds(args.seeds) or [settings.seed]
     out = Path(args.out)
     if args.combine:
-        if args.resume or args.seeds:
-            raise ConfigError(["--combine takes the seeds from its folders: no --resume or --seeds with it"])
-        from safebasin.launcher.outputs import overlap_problems
-        problems = overlap_problems("--out", out, [("--combine folder", f) for f in args.combine])
-        if problems:
-            raise ConfigError(problems)
+        from safebasin.launcher.outputs import check_combine
+        check_combine(out, args.combine, args.resume, args.seeds)
         result = combine(settings, [Path(f) for f in args.combine], lambda: prepare_folder(out, args.overwrite))
         seeds = result["seeds"]
     elif args.resume:

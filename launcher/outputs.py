@@ -162,3 +162,13 @@ def write_results(out: Path, summary: dict) -> None:
     tmp = out / f".results.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     os.replace(tmp, out / "results.json")
+
+
+def check_combine(out: Path, combine: list, resume: bool, seeds) -> None:
+    """--combine reads its folders and writes --out: no --resume or --seeds with it, and --out
+    may not hold or lie inside a folder it reads."""
+    if resume or seeds:
+        raise ConfigError(["--combine takes the seeds from its folders: no --resume or --seeds with it"])
+    problems = overlap_problems("--out", out, [("--combine folder", f) for f in combine])
+    if problems:
+        raise ConfigError(problems)

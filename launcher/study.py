@@ -58,12 +58,8 @@ def cmd_study(args) -> int:
         def parent(folder: Path, label: str = "") -> DemoRuns:
             return DemoRuns(uri, f"study {study.name} {folder.name}{label}", raw, experiment=study.tracking.experiment)
         if args.combine:
-            if args.resume or args.seeds:
-                raise ConfigError(["--combine takes the seeds from its folders: no --resume or --seeds with it"])
-            from safebasin.launcher.outputs import overlap_problems
-            problems = overlap_problems("--out", out, [("--combine folder", f) for f in args.combine])
-            if problems:
-                raise ConfigError(problems)
+            from safebasin.launcher.outputs import check_combine
+            check_combine(out, args.combine, args.resume, args.seeds)
             result = runner.combine(plan, raw, [Path(f) for f in args.combine],
                                     lambda: prepare_folder(out, args.overwrite, runner.MARKER, "study"),
                                     lambda folder: parent(folder, " (combined)"))
