@@ -89,6 +89,15 @@ def _check_out(label: str, out: str, inputs: list[tuple[str, str]]) -> None:
         raise ConfigError(problems)
 
 
+def _basis_rank(text: str) -> int | str:
+    if text == "full":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rank takes an integer K >= 1 or 'full', got {text!r}") from None
+
+
 def cmd_align_basis(args) -> int:
     from safebasin.safety_core.anchor.basis import BasisError, extract_basis
     _check_out("--out", args.out, [("--aligned", args.aligned), ("--base", args.base)])
@@ -176,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="safelora: c_i = sigma_i^2/||V||_F (C = V V^T/||V||_F truncated); projector: "
                    "c_i = 1, needs k < rank(V)")
     pick = p.add_mutually_exclusive_group()
-    pick.add_argument("--rank", type=int, default=None, help="keep exactly K directions per layer")
+    pick.add_argument("--rank", type=_basis_rank, default=None, metavar="K|full",
+                      help="keep exactly K directions per layer; full: all rank(V) of them (the AsFT "
+                      "reference's untruncated C)")
     from safebasin.safety_core.anchor.basis import DEFAULT_TOL, TOL_HELP
     pick.add_argument("--tol", type=float, default=None,
                       help=f"dropped-energy tolerance T (default {DEFAULT_TOL}): {TOL_HELP}".replace("%", "%%"))

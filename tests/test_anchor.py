@@ -609,3 +609,25 @@ def test_l2_without_a_basis_passes_preflight_on_a_local_model(tmp_path, tiny_mod
                  "data": {"train": {"path": "builtin:task"}}, "anchor": {"variant": "l2", "lambda": 1},
                  "output": {"dir": str(tmp_path / "out")}})
     check_inputs(cfg, "train")
+
+
+def test_the_asft_reference_preset_runs_with_the_untruncated_basis(tmp_path, aligned_pair):
+    # examples/asft_reference_lora.yaml as shipped, pointed at the tiny pair (the base model has the
+    # tokenizer, so the run starts from it) and shortened: the
+    # basis keeps every direction of V (k = rank(V) per layer), the anchor trains at lambda 1 on
+    # the unscaled B A, and the LR falls by 0.85 per epoch.
+    base, aligned = aligned_pair
+    assert cli("align-basis", "--aligned", aligned, "--base", base, "--out", tmp_path / "basis",
+               "--modules", "q_proj,v_proj", "--rank", "full") == 0
+    manifest = json.loads((tmp_path / "basis" / "manifest.json").read_text())
+    assert all(info["k"] == info["rank"] == min(info["shape"]) for info in manifest["layers"].values())
+    out = tmp_path / "run"
+    assert cli("train", REPO / "examples" / "asft_reference_lora.yaml", f"model.path={base}",
+               "model.dtype=float32", "train.precision=fp32", f"anchor.basis={tmp_path / 'basis'}",
+               "data.train={path: 'builtin:task'}", "data.harmful_mix.source={path: 'builtin:harmful'}",
+               "data.num_examples=32", "data.max_length=96", "train.epochs=2", "train.save_every=0",
+               "tracking.enabled=false", f"output.dir={out}", "runtime.threads=1") == 0
+    rows = column([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], "lr")
+    assert rows == pytest.approx([5e-5] * 3 + [4.25e-5] * 4 + [3.6125e-5])  # 4 steps an epoch
+    penalties = column([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], "anchor_penalty")
+    assert all(p > 0 for p in penalties[1:])

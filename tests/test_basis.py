@@ -133,3 +133,30 @@ def test_basis_match_tolerates_wrapper_prefixes(tmp_path, aligned_pair):
     assert basis.match("base_model.model." + Q0) == Q0
     assert basis.match(Q0) == Q0
     assert basis.match("model.layers.0.self_attn.k_proj") is None
+
+
+def test_full_rank_keeps_every_direction_and_is_the_dense_c(tmp_path, aligned_pair):
+    # The AsFT reference's untruncated C = V V^T / ||V||_F. V of rank 3 in a 64-wide layer: the
+    # full basis has k = rank(V) = 3 (not min(shape)) and U diag(c) U^T equals the dense C.
+    import shutil
+    base, aligned = aligned_pair
+    low = tmp_path / "low_rank_aligned"
+    shutil.copytree(aligned, low)
+    w, b = weights(aligned), weights(base)
+    g = torch.Generator().manual_seed(0)
+    name = Q0 + ".weight"
+    d_out, d_in = w[name].shape
+    w[name] = b[name] + torch.randn(d_out, 3, generator=g) @ torch.randn(3, d_in, generator=g) * 0.1
+    save_file(w, str(low / "model.safetensors"))
+    manifest = extract_basis(str(low), str(base), tmp_path / "b", modules=["q_proj"], rank="full")
+    assert manifest["selection"]["rank"] == "full"
+    info = manifest["layers"][Q0]
+    assert info["k"] == info["rank"] == 3 and info["captured_share"] == pytest.approx(1.0, abs=1e-6)
+    layer = load_basis(tmp_path / "b").layer(Q0)
+    v = (w[name] - b[name]).double()
+    got = layer.U.double() @ torch.diag(layer.c.double()) @ layer.U.double().T
+    torch.testing.assert_close(got, v @ v.T / v.norm(), atol=1e-5 * got.abs().max().item(), rtol=0)
+    with pytest.raises(BasisError, match="projector"):
+        extract_basis(str(low), str(base), tmp_path / "p", modules=["q_proj"], variant="projector", rank="full")
+    with pytest.raises(BasisError, match="'full'"):
+        extract_basis(str(low), str(base), tmp_path / "x", modules=["q_proj"], rank="all")

@@ -131,3 +131,16 @@ def test_exported_adapter_reloads_with_same_logits(tmp_path, tiny_model_dir, mon
     torch.testing.assert_close(reloaded, trained)
     assert not torch.allclose(base, trained)
     assert (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_step_schedule_decays_once_per_epoch(tmp_path, tiny_model_dir, mlflow_uri):
+    # The AsFT reference's StepLR(gamma 0.85) stepped per epoch: 32 examples at a global batch of
+    # 8 are 4 steps an epoch, so 3 epochs run 4 steps at lr, 4 at 0.85 lr and 4 at 0.85^2 lr. The
+    # row of a step logs the LR after its scheduler step (as the HF Trainer does): the next step's.
+    cfg = write_config(tmp_path, data={"num_examples": 32, "eval": None},
+                       train={"max_steps": None, "epochs": 3, "schedule": "step", "step_gamma": 0.85,
+                              "warmup_steps": 0, "lr": 1e-3}, deepspeed={"stage": 0},
+                       tracking={"enabled": False})
+    run(tmp_path, cfg, f"output.dir={tmp_path / 'out'}", "runtime.threads=1")
+    lrs = losses(tmp_path / "out", "lr")
+    assert lrs == pytest.approx([1e-3] * 3 + [8.5e-4] * 4 + [7.225e-4] * 4 + [6.14125e-4])

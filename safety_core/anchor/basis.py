@@ -132,6 +132,9 @@ def is_targeted(name: str, shape: tuple[int, ...], modules: list[str]) -> bool:
 # Spectrum and truncation
 
 
+FULL = "full"  # rank: keep every direction of V (its numerical rank)
+
+
 def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
     if s.numel() == 0 or float(s[0]) == 0.0:
         return 0
@@ -208,16 +211,19 @@ class LayerBasis:
     shape: tuple[int, int]        # (d_out, d_in) of the weight
 
 
-def layer_basis(name: str, v: torch.Tensor, variant: str, rank: int | None,
+def layer_basis(name: str, v: torch.Tensor, variant: str, rank: int | str | None,
                 tol: float | None) -> tuple[LayerBasis, torch.Tensor, dict]:
+    """rank "full": every direction of V's numerical rank (the AsFT reference's dense C = V V^T /
+    ||V||_F, stored as U_k diag(c) U_k^T with k = rank(V), never as a d_out x d_out matrix)."""
     total = float(v.double().pow(2).sum())
     if total == 0.0:
         raise BasisError(f"{name}.weight: the aligned and base weights are identical (V = 0)")
     fro = math.sqrt(total)
-    u, s, complete = truncated_svd(v, rank, tol, total)
+    full = rank == FULL
+    u, s, complete = truncated_svd(v, None if full else rank, None if full else tol, total)
     r = numerical_rank(s, v.shape) if complete else None
     energy = s.double().pow(2)
-    k = choose_k(energy, total, rank, tol)
+    k = r if full else choose_k(energy, total, rank, tol)
     if variant == "projector":
         # From a randomised SVD only the leading values are known; their numerical rank is a
         # lower bound of rank(V), and k < that bound suffices.
@@ -292,16 +298,19 @@ class _ShardWriter:
 
 
 def extract_basis(aligned: str, base: str, out: str | Path, modules=DEFAULT_MODULES,
-                  variant: str = "safelora", rank: int | None = None, tol: float | None = None,
+                  variant: str = "safelora", rank: int | str | None = None, tol: float | None = None,
                   device: str | None = None, progress: bool = False) -> dict:
     """Write the basis of `aligned` relative to `base` to `out`; returns the manifest.
-    With neither `rank` nor `tol`, tol = DEFAULT_TOL."""
+    With neither `rank` nor `tol`, tol = DEFAULT_TOL; rank "full" keeps rank(V) directions."""
     if variant not in VARIANTS:
         raise BasisError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if rank is not None and tol is not None:
         raise BasisError("give either rank or tol, not both")
-    if rank is not None and rank < 1:
-        raise BasisError(f"rank must be >= 1, got {rank}")
+    if rank == FULL and variant == "projector":
+        raise BasisError(f"rank {FULL!r} with the projector variant: the projector onto all of V's column "
+                         "space anchors nothing (it needs k < rank(V)); give --rank K or --tol T")
+    if rank is not None and rank != FULL and (not isinstance(rank, int) or rank < 1):
+        raise BasisError(f"rank must be an integer >= 1 or {FULL!r}, got {rank!r}")
     if rank is None:
         tol = DEFAULT_TOL if tol is None else tol
         if not 0.0 <= tol < 1.0:

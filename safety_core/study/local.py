@@ -6,6 +6,7 @@ configs are validated here, with the same unknown-key rule as every other sectio
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError
 from safebasin.safety_core.args import Section
@@ -21,7 +22,7 @@ class AlignBasisStage(Section):
     base: str
     modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     variant: str = "safelora"
-    rank: int | None = None
+    rank: int | Literal["full"] | None = Field(None, description="directions kept per layer; full: rank(V)")
     tol: float | None = None
     device: str | None = None
 

@@ -53,7 +53,10 @@ class TrainArgs(Section):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "step"] = Field(
+        "cosine", description="after warmup: cosine / linear decay to 0, constant, or step (the LR times "
+        "step_gamma after every epoch, torch's StepLR as the AsFT reference uses it)")
+    step_gamma: float = Field(0.85, gt=0, le=1, description="schedule step: the factor per epoch")
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     micro_batch_size: int = Field(4, ge=1)
@@ -111,9 +114,11 @@ class TrainResult:
     model: object = None  # the trained module (ZeRO-3: still partitioned), for in-process callers
 
 
-def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+def lr_lambda(schedule: str, warmup: int, total: int, *, gamma: float = 1.0,
+              steps_per_epoch: int = 1) -> Callable[[int], float]:
     """The LR factor of optimizer step `step` (0-based). After warmup these are transformers'
-    cosine, linear and constant schedules (same formulas). Not `transformers.get_scheduler`
+    cosine, linear and constant schedules (same formulas); `step` multiplies by gamma once per
+    finished epoch (counted from the first step, as StepLR stepped per epoch does). Not `transformers.get_scheduler`
     itself: its warmup gives the first step lr 0 (a wasted optimizer step), where this warmup
     ramps (step + 1) / (warmup + 1); switching would also change every recorded trajectory
     (resume tests, the demo's measured numbers)."""
@@ -125,6 +130,8 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         if schedule == "linear":
             return max(0.0, 1.0 - progress)
+        if schedule == "step":
+            return gamma ** (step // max(1, steps_per_epoch))
         return 1.0
     return factor
 
@@ -216,7 +223,8 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
         enable_gradient_checkpointing(model)
     scheduler = None if "scheduler" in ds_config else (
         lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(train_args.schedule, train_args.warmup_steps, total_steps)))
+            opt, lr_lambda(train_args.schedule, train_args.warmup_steps, total_steps, gamma=train_args.step_gamma,
+                           steps_per_epoch=math.ceil(len(train_set) / sampler.global_batch))))
     # DeepSpeed's fp32 path without ZeRO clips with a norm it never keeps (get_global_grad_norm
     # stays None), so logging the norm took a second pass over the gradients: there the loop
     # clips itself, with torch's clip_grad_norm_ (the same rule), and logs the norm it returns.
