@@ -10,6 +10,10 @@ A seed folder records each stage as it finishes (progress.json), so `--resume` c
 interrupted seed, or adds a stage a newer version has, without redoing the finished ones.
 `--combine DIR...` joins seeds run elsewhere (side by side, one thread each; a SLURM array) into
 one result: mean and sd per stage, the targets checked on the means.
+
+(Over 300 lines: the SmolLM2 organism's own runner, kept while runs started with it are
+resumed and combined; examples/studies/smollm2.yaml is the same organism as a study file, and
+the tiny organism already runs through the study runner alone.)
 """
 
 from __future__ import annotations

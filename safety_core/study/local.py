@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.study.spec import describe
+from safebasin.safety_core.study.faults import describe
 
 
 class ModelStage(Section):
