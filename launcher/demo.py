@@ -83,9 +83,8 @@ def cmd_demo(args) -> int:
         overrides.append("sweeps.frontier.enabled=true")
     if args.quick and args.preset not in (None, "quick"):
         raise ConfigError([f"--quick is --preset quick; --preset {args.preset} asks for another"])
-    study, out, result = execute(TINY, overrides, preset=args.preset or ("quick" if args.quick else None),
-                                 out=args.out, seeds=args.seeds, resume=args.resume, combine=args.combine,
-                                 overwrite=args.overwrite, nproc=args.nproc, markers=(MARKER,), what="demo")
+    study, out, result = execute(TINY, overrides, args.preset or ("quick" if args.quick else None), args,
+                                 markers=(MARKER,), what="demo")
     result = _legacy_keys(result, args.nproc)
     report.write_json(result, out / runner.RESULTS)
     if args.json:

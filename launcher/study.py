@@ -39,15 +39,17 @@ class LauncherJobs:
         return move_aside(folder, [])
 
 
-def execute(file, overrides: list[str], *, preset: str | None, out: str | None, seeds: str | None,
-            resume: bool, combine: list[str] | None, overwrite: bool, nproc: int, plan_only: bool = False,
-            markers: tuple[str, ...] = (), what: str = "study"):
-    """Run (or --plan, --resume, --combine) a study file: (study, output folder, result; None with
-    plan_only). `markers`: other marker files whose folders --overwrite may move aside too (the
+def execute(file, overrides: list[str], preset: str | None, args, *, markers: tuple[str, ...] = (),
+            what: str = "study"):
+    """Run (or --plan, --resume, --combine) a study file with the run options of `args` (out,
+    seeds, resume, combine, overwrite, nproc, plan): (study, output folder, result; None with
+    --plan). `markers`: other marker files whose folders --overwrite may move aside too (the
     demo's). A refused study is a ConfigError listing every fault, before any job starts."""
     import torch
     from safebasin.safety_core.study import plan as plan_mod
     from safebasin.safety_core.study import runner, spec
+    out, seeds, resume, combine, nproc = args.out, args.seeds, args.resume, args.combine, args.nproc
+    overwrite, plan_only = args.overwrite, getattr(args, "plan", False)
     if nproc < 1:
         raise ConfigError([f"--nproc must be >= 1, got {nproc}"])
     try:
@@ -123,9 +125,7 @@ def show(study, result: dict, out: Path, *, command: str, holds: str, nproc: int
 
 def cmd_study(args) -> int:
     from safebasin.safety_core.study import report
-    study, out, result = execute(args.file, args.overrides, preset=args.preset, out=args.out, seeds=args.seeds,
-                                 resume=args.resume, combine=args.combine, overwrite=args.overwrite,
-                                 nproc=args.nproc, plan_only=args.plan)
+    study, out, result = execute(args.file, args.overrides, args.preset, args)
     if result is None:
         return 0
     if args.json:

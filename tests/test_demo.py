@@ -180,7 +180,7 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
     assert [(r["variant"], float(r["hrr"])) for r in rows] == [(p["variant"], p["hrr"]) for p in points]
     assert Path(result["frontier"]["files"]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["anchor_verdict"].startswith("AsFT") and result["anchor_verdict"] in proc.stdout
-    assert "anchoring keeps safety" in result["checks"] and "HRR(l2)" in result["checks"]["anchoring keeps safety"]["rule"]
+    assert "anchoring keeps safety" in result["checks"] and "hrr(l2)" in result["checks"]["anchoring keeps safety"]["rule"]
     # The table names every stage, and the outputs are where the command says.
     for title in ("base", "aligned", "AsFT", "L2", "inside span", "restoration"):
         assert title in proc.stdout

@@ -21,6 +21,14 @@ NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 COMMANDS = ("model", "train", "restore", "eval", "landscape", "align-basis", "safe-lora-project")
 
 
+def identifiers(value: dict, what: str, read_as: str) -> dict:
+    """`value` when its keys are identifiers: expressions read them as dotted names."""
+    bad = [k for k in value if not NAME.match(str(k))]
+    if bad:
+        raise ValueError(f"{what} {bad} are not identifiers (letters, digits, _): expressions read them as {read_as}")
+    return value
+
+
 class StudyError(ValueError):
     """A study that cannot run; `problems` holds one line per fault."""
 
@@ -125,10 +133,7 @@ class Sweep(Section):
     @field_validator("grid")
     @classmethod
     def _grid(cls, value: dict) -> dict:
-        bad = [k for k in value if not NAME.match(str(k))]
-        if bad:
-            raise ValueError(f"grid keys {bad} are not identifiers (letters, digits, _): configs read them as "
-                             f"${{sweep.KEY}}")
+        identifiers(value, "grid keys", "${sweep.KEY}")
         empty = [k for k, v in value.items() if not v]
         if empty or not value:
             raise ValueError(f"every grid key needs at least one value; empty: {empty or '(no keys)'}")
@@ -174,11 +179,7 @@ class Study(Section):
     @field_validator("stages", "models", "evals", "sweeps")
     @classmethod
     def _identifiers(cls, value: dict) -> dict:
-        bad = [k for k in value if not NAME.match(str(k))]
-        if bad:
-            raise ValueError(f"names {bad} are not identifiers (letters, digits, _): expressions read them "
-                             f"as ${{stages.NAME.model}}")
-        return value
+        return identifiers(value, "names", "${stages.NAME.model}")
 
     @model_validator(mode="after")
     def _data_names(self):
