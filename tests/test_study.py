@@ -1,6 +1,9 @@
 """`safebasin study`: the study file format (refusals before any job), the tiny organism as a study
-(its configs and numbers are the demo's), a user's study file run on a tiny model, resume,
-combine and the answer cache."""
+(what the demo prints), sweeps, a user's study file run on a tiny model, resume,
+combine and the answer cache.
+
+(Over 300 lines: one file for the study command, as there is one per command; the refusals, the
+organisms' study files and the runner's resume, cache, combine and sweeps are its parts.)"""
 
 import json
 from pathlib import Path
