@@ -45,6 +45,8 @@ def study_overrides(overrides: list[str], study_file: Path = TINY) -> list[str]:
             problems.append(f"override {text!r} must look like dotted.key=value")
         elif key in RENAMED:
             out.append(f"{RENAMED[key]}={value}")
+        elif root == "frontier":
+            problems.append(f"{key}: no knob of the frontier; its knobs: frontier.variants, frontier.lambdas")
         elif root in knobs:
             out.append(f"vars.{text}")
         elif root in STUDY_KEYS:

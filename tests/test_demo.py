@@ -134,6 +134,8 @@ def test_demo_knobs_are_the_tiny_studys_and_are_validated(tmp_path):
         spec.read(TINY, study_overrides(["attack.fractoin=0.25"]))
     with pytest.raises(ConfigError, match="atack.fraction: no knob of the tiny organism"):
         study_overrides(["atack.fraction=0.25"])
+    with pytest.raises(ConfigError, match="frontier.lambda: no knob of the frontier; its knobs: frontier.variants"):
+        study_overrides(["frontier.lambda=[1]"])
 
 
 def _number(v, lo=0.0, hi=1.0) -> bool:
