@@ -1,8 +1,8 @@
-"""What a study means, checked before anything runs: the outputs each stage makes, the order the
-references between stages impose (a cycle is refused, named), every `${...}` reference (a
-stage reading an output no stage makes is refused, named), the metrics each evaluated stage
-gets and the checks and plots that read them. May import the study's spec, expr, metrics and
-builders modules.
+"""What a study means, checked before anything runs: the outputs each stage makes (a sweep's
+points are stages too, sweep.py), the order the references between stages impose (a cycle is
+refused, named), every `${...}` reference (a stage reading an output no stage makes is refused,
+named), the metrics each evaluated stage gets and the checks, plots and sweeps that read them.
+May import the study's spec, expr, metrics, sweep and builders modules.
 """
 
 from __future__ import annotations
