@@ -302,7 +302,8 @@ def test_answers_are_never_generated_twice_for_the_same_model_and_prompts(tmp_pa
 
 def test_combine_joins_seed_folders_and_refuses_another_study(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    study, raw = spec.read(TINY)
+    study, raw = spec.read(TINY, ["sweeps.frontier.enabled=true", "sweeps.frontier.grid={variant: [safelora, l2], "
+                                  "lam: [1.0]}"])
     plan = plan_mod.check(study)
 
     def folder(name, seed, lora_hrr, spec_raw=raw):
@@ -311,9 +312,11 @@ def test_combine_joins_seed_folders_and_refuses_another_study(tmp_path, monkeypa
         runner.write_marker(f, spec_raw, [seed])
         row = {"hrr": 0.05, "refusal": 0.95, "degenerate": 0.0, "prefill_asr": 0.5, "prefill_degenerate": 0.0,
                "task_accuracy": 0.9, "task_loss": 0.3}
-        stages = {n: dict(row) for n in plan.evaluated}
+        stages = {n: dict(row) for n in plan.evaluated if n not in plan.points}
         stages["base"]["hrr"], stages["lora"]["hrr"] = 0.9, lora_hrr
+        points = {n: dict(row, hrr=lora_hrr / 2) for n in plan.points}  # kept apart in results.json
         (f / "results.json").write_text(json.dumps({"per_seed": {str(seed): stages},
+                                                    "per_seed_points": {str(seed): points},
                                                     "stage_seconds": {str(seed): {"lora": 5.0}},
                                                     "mlflow": {"stage_run_ids": {str(seed): {}}}}))
         return f
@@ -330,6 +333,12 @@ def test_combine_joins_seed_folders_and_refuses_another_study(tmp_path, monkeypa
     assert result["seeds"] == [0, 1] and result["stages"]["lora"]["hrr"] == pytest.approx(0.5)
     assert result["checks"]["attack erodes safety"]["ok"]  # 0.5 - 0.05 >= 0.2 on the means
     assert result["per_seed_checks"][0]["attack erodes safety"]["ok"] is True  # 0.4 - 0.05
+    # The sweep's points join again: each point's mean over the two seeds, written as its CSV.
+    frontier = result["sweeps"]["frontier"]
+    assert [(r["stage"], r["hrr"]) for r in frontier["points"]] == [("frontier-safelora-1", pytest.approx(0.25)),
+                                                                  ("frontier-l2-1", pytest.approx(0.25))]
+    assert frontier["per_seed"][1][0]["hrr"] == pytest.approx(0.3) and Path(frontier["files"]["csv"]).is_file()
+    assert not set(result["stages"]) & set(plan.points)
     other = dict(raw, vars={**raw["vars"], "attack": {**raw["vars"]["attack"], "fraction": 0.5}})
     c = folder("c", 2, 0.5, other)
     with pytest.raises(StudyError, match="another study"):
