@@ -114,9 +114,9 @@ def test_demo_knobs_are_the_tiny_studys_and_are_validated(tmp_path):
     from safebasin.safety_core.study import plan as plan_mod
     from safebasin.safety_core.study import runner, spec
     demo = study_overrides(["attack.fraction=0.25", "anchor.lambda=5", "frontier.lambdas=[1]", "seed=3",
-                            "sweeps.frontier.enabled=true"])
+                            "sweeps.frontier.enabled=true", "restore.delta=0.2"])
     assert demo == ["vars.attack.fraction=0.25", "vars.anchor.lam=5", "sweeps.frontier.grid.lam=[1]", "seed=3",
-                    "sweeps.frontier.enabled=true"]
+                    "sweeps.frontier.enabled=true", "vars.restore.delta=0.2"]
 
     def resolved(overrides, preset=None):
         study, _ = spec.read(TINY, overrides, preset)
@@ -124,7 +124,7 @@ def test_demo_knobs_are_the_tiny_studys_and_are_validated(tmp_path):
         return plan, runner.prepare(plan, [study.seed], tmp_path, LauncherJobs(1))[study.seed]
     plan, r = resolved(demo)
     assert r.seed == 3 and r.stages["lora"]["data"]["harmful_mix"]["fraction"] == 0.25
-    assert r.stages["asft"]["anchor"]["lambda"] == 5
+    assert r.stages["asft"]["anchor"]["lambda"] == 5 and r.stages["restored"]["restore"]["delta"] == 0.2
     assert [n for n in plan.points] == ["frontier-safelora-1", "frontier-safelora-normalized-1", "frontier-l2-1",
                                         "frontier-aligned-1"]
     assert r.stages["frontier-l2-1"]["anchor"] == {"basis": str(r.root / "basis"), "variant": "l2", "lambda": 1}
