@@ -5,8 +5,8 @@ does (held-out HRR with its breakdown, prefilling ASR, task accuracy).
     python benchmarks/restore_ablation.py runs/demo3/seed0 runs/demo3/seed1 runs/demo3/seed2 \\
         --set restore.curvature_sources=mixed,retain,forget [--out runs/ablation]
 
-Each folder is a one-seed demo folder (`safebasin demo`, or OUT/seed{N} of `--seeds`); its
-restored stage's config.yaml is the starting point. Prints one row per (value, seed) and the
+Each folder is a seed folder of the tiny study (`safebasin demo`: OUT/seed{N}); its restored
+stage's config.yaml is the starting point, and its own evaluation config (OUT/evals/) measures it. Prints one row per (value, seed) and the
 mean over seeds, and writes the rows as JSON.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 from safebasin.launcher.config import apply_overrides, build
-from safebasin.launcher.demo import launch_args
-from safebasin.safety_core.demo.report import stage_numbers
+from safebasin.launcher.runs import launch_args
+from safebasin.safety_core.study.metrics import numbers
 
 COLUMNS = ("hrr", "refusal", "degenerate", "prefill_asr", "task_accuracy", "task_loss")
 
@@ -30,14 +30,14 @@ def run_one(demo: Path, key: str, value: str, out: Path) -> dict:
     raw = yaml.safe_load((demo / "restored" / "config.yaml").read_text())
     raw = apply_overrides(raw, [f"{key}={value}", f"output.dir={out / 'restored'}", "tracking.enabled=false"])
     summary = run_job("restore", build(raw), launch_args(1))
-    ev = yaml.safe_load((demo / "eval" / "restored" / "config.yaml").read_text()) \
-        if (demo / "eval" / "restored" / "config.yaml").is_file() else None
-    if ev is None:
-        raise SystemExit(f"{demo}/eval/restored/config.yaml is missing: is {demo} a finished demo folder?")
+    done = json.loads((demo / "progress.json").read_text()) if (demo / "progress.json").is_file() else {}
+    key = done.get("evals", {}).get("restored/main", {}).get("key")
+    if key is None:
+        raise SystemExit(f"{demo}/progress.json records no evaluation of restored: is {demo} a finished seed folder?")
+    ev = yaml.safe_load((demo.parent / "evals" / key / "config.yaml").read_text())
     ev = apply_overrides(ev, [f"model.adapter={out / 'restored' / 'adapter'}", f"output.dir={out / 'eval'}"])
     result = run_job("eval", build(ev), launch_args(1))
-    k = ev["eval"]["prefill_k"][0]
-    return {**stage_numbers(result, k), "accepted_steps": summary["accepted_steps"],
+    return {**numbers(result, ev["eval"], None), "accepted_steps": summary["accepted_steps"],
             "forget_loss": summary["restored"]["forget_loss"], "retain_loss": summary["restored"]["retain_loss"]}
 
 

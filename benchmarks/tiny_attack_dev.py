@@ -5,12 +5,14 @@ The development prompts are the held-out pool's prompts the demo never evaluates
 reports heldout_prompts(48, seed + 3), the first 48 of a fixed order of the pool's 72; these
 are the other 24 (other request frames of the held-out topics; no stage trains on any of them).
 
-For each finished demo folder (its aligned model and data) and each attack setting, the
-organism's own attack config (organism.attack_config, the safety probe left out) is trained and
-the adapter and the aligned model are evaluated on the development prompts. Prints one line per
-setting: dev HRR(lora) - dev HRR(aligned) per seed, and task accuracy.
+For each finished seed folder of the tiny study (`safebasin demo --seeds 0,1,2` or `safebasin
+study examples/studies/tiny.yaml`: OUT/seed<N>, with its aligned model and data) and each attack
+setting, the seed's own attack config (its lora/config.yaml, the safety probe left out) is
+trained and the adapter and the aligned model are evaluated on the development prompts, with
+the seed's own evaluation config. Prints one line per setting: dev HRR(lora) - dev HRR(aligned)
+per seed, and task accuracy.
 
-    python benchmarks/tiny_attack_dev.py runs/tiny_s0 runs/tiny_s1 runs/tiny_s2 --out runs/tiny_attack_dev
+    python benchmarks/tiny_attack_dev.py runs/demo3/seed0 runs/demo3/seed1 runs/demo3/seed2 --out runs/tiny_attack_dev
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from safebasin.safety_core.demo import organism
-from safebasin.safety_core.demo.settings import DemoSettings
 from safebasin.safety_core.train.synthetic import heldout_prompts, write_jsonl
 
 SETTINGS = [  # (fraction, lr, steps)
@@ -46,11 +46,19 @@ def run(command: str, cfg: dict, path: Path) -> dict:
     return json.loads((Path(cfg["output"]["dir"]) / "results.json").read_text())
 
 
-def dev_eval(settings: DemoSettings, layout, name: str, adapter: str | None, dev: Path, out: Path) -> dict:
-    cfg = organism.eval_config(settings, layout, "aligned")
-    cfg["model"] = {"path": str(layout.stage("aligned") / "model"), **({"adapter": adapter} if adapter else {})}
+def eval_config(seed_dir: Path) -> dict:
+    """The config of the seed's evaluation of its aligned model (suite main, in OUT/evals/)."""
+    progress = json.loads((seed_dir / "progress.json").read_text())
+    key = progress["evals"]["aligned/main"]["key"]
+    return yaml.safe_load((seed_dir.parent / "evals" / key / "config.yaml").read_text())
+
+
+def dev_eval(seed_dir: Path, name: str, adapter: str | None, dev: Path, out: Path) -> dict:
+    cfg = eval_config(seed_dir)
+    cfg["model"] = {"path": str(seed_dir / "aligned" / "model"), **({"adapter": adapter} if adapter else {})}
     cfg["eval"]["harmful"] = {"path": str(dev)}
     cfg["output"] = {"dir": str(out / name / "eval")}
+    cfg["tracking"] = {"enabled": False}
     return run("eval", cfg, out / name / "eval.yaml")
 
 
@@ -61,20 +69,21 @@ def main() -> None:
     args = p.parse_args()
     table: dict = {}
     for demo in args.demos:
-        settings = DemoSettings.model_validate(json.loads((demo / "demo_manifest.json").read_text())["settings"])
-        layout, seed = organism.Layout(demo), settings.seed
+        spec = json.loads((demo.parent / "study.json").read_text())["spec"]
+        seed = int(demo.name.removeprefix("seed"))
         out = args.out / f"seed{seed}"
-        dev = write_jsonl(heldout_prompts(72, seed + 3)[settings.data.heldout:], out / "dev.jsonl")
-        aligned = dev_eval(settings, layout, "aligned", None, dev, out)
+        dev = write_jsonl(heldout_prompts(72, seed + 3)[spec["vars"]["data"]["heldout"]:], out / "dev.jsonl")
+        aligned = dev_eval(demo, "aligned", None, dev, out)
         for fraction, lr, steps in SETTINGS:
             name = f"p{fraction}_lr{lr}_s{steps}"
-            s = settings.model_copy(update={"attack": settings.attack.model_copy(
-                update={"fraction": fraction, "lr": lr, "steps": steps})})
-            cfg = organism.attack_config(s, layout, "lora", {"enabled": False})
+            cfg = yaml.safe_load((demo / "lora" / "config.yaml").read_text())
+            cfg["data"]["harmful_mix"]["fraction"] = fraction
+            cfg["train"].update(lr=lr, max_steps=steps, warmup_steps=max(1, steps // 20))
             cfg["train"].pop("safety_probe")
             cfg["output"] = {"dir": str(out / name / "train")}
+            cfg["tracking"] = {"enabled": False}
             run("train", cfg, out / name / "train.yaml")
-            ev = dev_eval(settings, layout, name, str(out / name / "train" / "adapter"), dev, out)
+            ev = dev_eval(demo, name, str(out / name / "train" / "adapter"), dev, out)
             table.setdefault(name, {})[seed] = (ev["hrr"] - aligned["hrr"], ev["task_accuracy"])
             print(f"seed {seed} {name}: dev HRR {ev['hrr']:.3f} (aligned {aligned['hrr']:.3f}), "
                   f"task acc {ev['task_accuracy']:.3f}", flush=True)

@@ -10,6 +10,10 @@ A seed folder records each stage as it finishes (progress.json), so `--resume` c
 interrupted seed, or adds a stage a newer version has, without redoing the finished ones.
 `--combine DIR...` joins seeds run elsewhere (side by side, one thread each; a SLURM array) into
 one result: mean and sd per stage, the targets checked on the means.
+
+(Over 300 lines: the SmolLM2 organism's own runner, kept while runs started with it are
+resumed and combined; examples/studies/smollm2.yaml is the same organism as a study file, and
+the tiny organism already runs through the study runner alone.)
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ import time
 from pathlib import Path
 
 from safebasin.launcher.config import ConfigError, TrackingArgs, apply_overrides, build
-from safebasin.launcher.demo import EXPERIMENT, MARKER, DemoRuns, launch_args
+from safebasin.launcher.runs import EXPERIMENT, MARKER, DemoRuns, launch_args
 
 PROGRESS = "progress.json"
 
 
 def load_settings(reduced: bool, overrides: list[str]):
-    from safebasin.safety_core.demo.settings import merge
+    from safebasin.safety_core.study.spec import merge
     from safebasin.safety_core.demo.smollm2 import REDUCED, Smollm2Settings
     raw = Smollm2Settings().model_dump(mode="json", by_alias=True)
     if reduced:
@@ -227,7 +231,8 @@ def _result(settings, per_seed: dict, seconds: dict, run_ids: dict, out: Path, r
             extra: dict) -> dict:
     """results.json of several seeds (or one): mean and sd per stage, the targets on the means,
     plots, and the outcome on the MLflow parent run."""
-    from safebasin.safety_core.demo import report, smollm2_report
+    from safebasin.safety_core.demo import smollm2_report
+    from safebasin.safety_core.study import report
     seeds = list(per_seed)
     agg = report.aggregate(list(per_seed.values()))
     stages = report.means(agg)
@@ -316,8 +321,9 @@ def combine(settings, folders: list[Path], prepare_out) -> dict:
 
 
 def cmd(args) -> int:
-    from safebasin.launcher.demo import parse_seeds, prepare_folder
-    from safebasin.safety_core.demo import report, smollm2_report
+    from safebasin.launcher.runs import parse_seeds, prepare_folder
+    from safebasin.safety_core.demo import smollm2_report
+    from safebasin.safety_core.study import report
     if args.nproc != 1:
         raise ConfigError([f"--nproc {args.nproc}: --organism smollm2 runs its stages one after another "
                            "in this process (threads=N sets its torch threads)"])

@@ -1,16 +1,16 @@
 """`safebasin study FILE.yaml`: run a study (safety_core/study) with this package's job launcher
-and MLflow parent run: options, the output folder's rule, and the printed result.
+and MLflow parent run: options, the output folder's rule, and the printed result. `safebasin
+demo` runs its study file through `execute` and `show` too.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safebasin.launcher.config import ConfigError, TrackingArgs, build
-from safebasin.launcher.demo import DemoRuns, launch_args, parse_seeds, prepare_folder
+from safebasin.launcher.runs import DemoRuns, launch_args, parse_seeds, prepare_folder
 
-COMMAND_NEEDS = {"train": ("data", "train"), "restore": ("restore",), "eval": ("eval",)}
+COMMAND_NEEDS = {"train": ("data", "train"), "restore": ("restore",), "eval": ("eval",), "landscape": ("landscape",)}
 
 
 class LauncherJobs:
@@ -39,68 +39,98 @@ class LauncherJobs:
         return move_aside(folder, [])
 
 
-def _fail(e) -> ConfigError:
-    return ConfigError(e.problems)
-
-
-def cmd_study(args) -> int:
+def execute(file, overrides: list[str], preset: str | None, args, *, markers: tuple[str, ...] = (),
+            what: str = "study"):
+    """Run (or --plan, --resume, --combine) a study file with the run options of `args` (out,
+    seeds, resume, combine, overwrite, nproc, plan): (study, output folder, result; None with
+    --plan). `markers`: other marker files whose folders --overwrite may move aside too (the
+    demo's). A refused study is a ConfigError listing every fault, before any job starts."""
     import torch
     from safebasin.safety_core.study import plan as plan_mod
-    from safebasin.safety_core.study import report, runner, spec
-    if args.nproc < 1:
-        raise ConfigError([f"--nproc must be >= 1, got {args.nproc}"])
+    from safebasin.safety_core.study import runner, spec
+    out, seeds, resume, combine, nproc = args.out, args.seeds, args.resume, args.combine, args.nproc
+    overwrite, plan_only = args.overwrite, getattr(args, "plan", False)
+    if nproc < 1:
+        raise ConfigError([f"--nproc must be >= 1, got {nproc}"])
     try:
-        study, raw = spec.read(args.file, args.overrides, args.preset)
+        study, raw = spec.read(file, overrides, preset)
         plan = plan_mod.check(study)
-        out = Path(args.out or f"runs/{study.name}")
+        out = Path(out or f"runs/{study.name}")
         uri = TrackingArgs().resolved_uri()
+        folder_markers = (runner.MARKER, *markers)
 
         def parent(folder: Path, label: str = "") -> DemoRuns:
             return DemoRuns(uri, f"study {study.name} {folder.name}{label}", raw, experiment=study.tracking.experiment)
-        if args.combine:
+        if combine:
             from safebasin.launcher.outputs import check_combine
-            check_combine(out, args.combine, args.resume, args.seeds)
-            result = runner.combine(plan, raw, [Path(f) for f in args.combine],
-                                    lambda: prepare_folder(out, args.overwrite, runner.MARKER, "study"),
+            check_combine(out, combine, resume, seeds)
+            result = runner.combine(plan, raw, [Path(f) for f in combine],
+                                    lambda: prepare_folder(out, overwrite, folder_markers, what),
                                     lambda folder: parent(folder, " (combined)"))
-        else:
-            seeds = (runner.recorded_seeds(out, parse_seeds(args.seeds)) if args.resume
-                     else parse_seeds(args.seeds) or [study.seed])
-            resolved = runner.prepare(plan, seeds, out, LauncherJobs(args.nproc))
-            if args.plan:
-                print(f"study {study.name}: valid; stages in order: {', '.join(plan.order)}; evaluated: "
-                      f"{', '.join(plan.evaluated)}; seeds {seeds}; output {out}")
-                return 0
-            if not args.resume:
-                prepare_folder(out, args.overwrite, runner.MARKER, "study")
-                runner.write_marker(out, raw, seeds)
-            torch.set_num_threads(study.threads)
-            runs = parent(out, " (resumed)" if args.resume else "")
-            try:
-                result = runner.run(plan, resolved, out, LauncherJobs(args.nproc), runs)
-            except BaseException:
-                runs.end("FAILED")
-                raise
-            runs.end("FINISHED")
+            return study, out, result
+        asked = parse_seeds(seeds)
+        chosen = runner.recorded_seeds(out, asked) if resume else asked or [study.seed]
+        resolved = runner.prepare(plan, chosen, out, LauncherJobs(nproc))
+        if plan_only:
+            print(f"study {study.name}: valid; stages in order: {', '.join(plan.order)}; evaluated: "
+                  f"{', '.join(plan.evaluated)}; seeds {chosen}; output {out}")
+            return study, out, None
+        if not resume:
+            prepare_folder(out, overwrite, folder_markers, what)
+            runner.write_marker(out, raw, chosen)
+        torch.set_num_threads(study.threads)
+        runs = parent(out, " (resumed)" if resume else "")
+        try:
+            result = runner.run(plan, resolved, out, LauncherJobs(nproc), runs)
+        except BaseException:
+            runs.end("FAILED")
+            raise
+        runs.end("FINISHED")
+        return study, out, result
     except spec.StudyError as e:
-        raise _fail(e) from None
+        raise ConfigError(e.problems) from None
+
+
+def show(study, result: dict, out: Path, *, command: str, holds: str, nproc: int | None = None) -> None:
+    """The printed result: the table (mean ± sd over several seeds) with its caption, the checks,
+    the verdicts, each seed's failed checks, and where the outputs are."""
+    from safebasin.safety_core.study import report, runner
+    seeds = result["seeds"]
+    several = len(seeds) > 1
+    print()
+    print(f"{'mean ± sd over seeds ' + ','.join(map(str, seeds)) if several else f'seed {seeds[0]}'}:")
+    print(report.table(study, result["stages"], sd=result["aggregate"] if several else None,
+                       caption=result.get("caption", "")))
+    print(report.check_lines(result["checks"]))
+    for sentence in (result.get("verdicts") or {}).values():
+        if sentence:
+            print(f"  {sentence}")
+    if several:
+        for seed, found in result["per_seed_checks"].items():
+            failed = [k for k, c in found.items() if not c["ok"]]
+            print(f"  seed {seed}: " + ("every check holds" if not failed else "fails " + ", ".join(failed)))
+    verdict = holds if result["all_checks_hold"] else "NOT every check holds"
+    ranks = f" on {nproc} rank(s)" if nproc is not None else ""
+    print(f"\n{command}: {verdict}{' (on the means)' if several else ''}; {result['wall_seconds']:.0f} s{ranks}")
+    print(f"  results: {(out / runner.RESULTS).resolve()}")
+    scapes = sorted({str(Path(s["png"]).parent.parent) for seed in (result.get("landscapes") or {}).values()
+                     for s in seed.values() if s.get("png")})
+    print(f"  plots:   {(out / 'plots').resolve()}" + "".join(f", {s}" for s in scapes))
+    for name, sweep in (result.get("sweeps") or {}).items():
+        print(f"  {name}: " + ", ".join(sweep["files"].values()))
+    m = result["mlflow"]
+    print(f"  MLflow:  parent run {m['parent_run_id']} in experiment {m['experiment']!r} at {m['tracking_uri']}"
+          f"  (view: mlflow ui --backend-store-uri {m['tracking_uri']})")
+
+
+def cmd_study(args) -> int:
+    from safebasin.safety_core.study import report
+    study, out, result = execute(args.file, args.overrides, args.preset, args)
+    if result is None:
+        return 0
     if args.json:
         report.write_json(result, Path(args.json))
-    seeds = result["seeds"]
-    print()
-    print(f"{'mean ± sd over seeds ' + ','.join(map(str, seeds)) if len(seeds) > 1 else f'seed {seeds[0]}'}:")
-    print(report.table(study, result["stages"], sd=result["aggregate"] if len(seeds) > 1 else None))
-    print(report.check_lines(result["checks"]))
-    for seed, found in result["per_seed_checks"].items():
-        failed = [k for k, c in found.items() if not c["ok"]]
-        if len(seeds) > 1:
-            print(f"  seed {seed}: " + ("every check holds" if not failed else "fails " + ", ".join(failed)))
-    verdict = "every check holds" if result["all_checks_hold"] else "NOT every check holds"
-    print(f"\nsafebasin study {study.name}: {verdict}{' (on the means)' if len(seeds) > 1 else ''}; "
-          f"{result['wall_seconds']:.0f} s")
-    print(f"  results: {(out / runner.RESULTS).resolve()}")
-    m = result["mlflow"]
-    print(f"  MLflow:  parent run {m['parent_run_id']} in experiment {m['experiment']!r} at {m['tracking_uri']}")
+    show(study, result, out, command=f"safebasin study {study.name}", holds="every check holds")
     return 3 if args.check and not result["all_checks_hold"] else 0
 
 

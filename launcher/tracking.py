@@ -14,6 +14,10 @@ holds the GIL against the job's own imports and model loading; a process does it
 core, and the job never imports mlflow (`safebasin eval` of the tiny model, whole process:
 11.2-12.4 s with the thread, 9.1-9.3 s with the process, measured side by side on a busy 2-core
 machine; benchmarks/RESULTS.md has the quiet-machine figures).
+
+(Over 300 lines: the job-side Tracker, the two channels and the writer that runs at their other
+end speak one message protocol defined here; split apart, each half could change without the
+other.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""`safebasin demo`: the organism's data, the output-folder rule, and a --quick run through every
-stage (the pipeline, not the phenomenon: quick stages are too small to show it)."""
+"""`safebasin demo`: the organism's data, the output-folder rule, the demo's knobs as the tiny
+study's, and a --quick run through every stage, the landscapes and the frontier sweep, resumed
+point by point (the pipeline, not the phenomenon: quick stages are too small to show it)."""
 
 import csv
 import json
@@ -104,13 +105,37 @@ def test_output_folder_rule(tmp_path):
     assert (moved / "old.json").exists()  # moved aside, never deleted
 
 
-def test_settings_overrides_are_validated():
+def test_demo_knobs_are_the_tiny_studys_and_are_validated(tmp_path):
+    """`safebasin demo attack.fraction=0.25 anchor.lambda=5 frontier.lambdas=[1]` resolves to the
+    same jobs as the study file with the vars of those names; a misspelt knob is refused."""
     from safebasin.launcher.config import ConfigError
-    from safebasin.launcher.demo import load_settings
-    assert load_settings(False, ["attack.fraction=0.25"]).attack.fraction == 0.25
-    assert load_settings(True, []).base.steps < load_settings(False, []).base.steps
-    with pytest.raises(ConfigError, match="attack.fractoin"):
-        load_settings(False, ["attack.fractoin=0.25"])
+    from safebasin.launcher.demo import TINY, study_overrides
+    from safebasin.launcher.study import LauncherJobs
+    from safebasin.safety_core.study import plan as plan_mod
+    from safebasin.safety_core.study import runner, spec
+    demo = study_overrides(["attack.fraction=0.25", "anchor.lambda=5", "frontier.lambdas=[1]", "seed=3",
+                            "sweeps.frontier.enabled=true", "restore.delta=0.2"])
+    assert demo == ["vars.attack.fraction=0.25", "vars.anchor.lam=5", "sweeps.frontier.grid.lam=[1]", "seed=3",
+                    "sweeps.frontier.enabled=true", "vars.restore.delta=0.2"]
+
+    def resolved(overrides, preset=None):
+        study, _ = spec.read(TINY, overrides, preset)
+        plan = plan_mod.check(study)
+        return plan, runner.prepare(plan, [study.seed], tmp_path, LauncherJobs(1))[study.seed]
+    plan, r = resolved(demo)
+    assert r.seed == 3 and r.stages["lora"]["data"]["harmful_mix"]["fraction"] == 0.25
+    assert r.stages["asft"]["anchor"]["lambda"] == 5 and r.stages["restored"]["restore"]["delta"] == 0.2
+    assert [n for n in plan.points] == ["frontier-safelora-1", "frontier-safelora-normalized-1", "frontier-l2-1",
+                                        "frontier-aligned-1"]
+    assert r.stages["frontier-l2-1"]["anchor"] == {"basis": str(r.root / "basis"), "variant": "l2", "lambda": 1}
+    quick, full = resolved([], "quick")[1], resolved([])[1]
+    assert quick.stages["base"]["train"]["max_steps"] < full.stages["base"]["train"]["max_steps"]
+    with pytest.raises(spec.StudyError, match="the study declares no var vars.attack.fractoin.*'fraction'"):
+        spec.read(TINY, study_overrides(["attack.fractoin=0.25"]))
+    with pytest.raises(ConfigError, match="atack.fraction: no knob of the tiny organism"):
+        study_overrides(["atack.fraction=0.25"])
+    with pytest.raises(ConfigError, match="frontier.lambda: no knob of the frontier; its knobs: frontier.variants"):
+        study_overrides(["frontier.lambda=[1]"])
 
 
 def _number(v, lo=0.0, hi=1.0) -> bool:
@@ -120,9 +145,10 @@ def _number(v, lo=0.0, hi=1.0) -> bool:
 def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
     out, extra = tmp_path / "demo", tmp_path / "copy.json"
     proc = safebasin_cli("demo", "--quick", "--frontier", "--out", str(out), "--json", str(extra), cwd=tmp_path,
-                         timeout=300)
+                         timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
+    seed = out / "seed0"
     assert json.loads(extra.read_text())["stages"] == result["stages"]
     assert set(result["stages"]) == set(STAGES)
     for name, row in result["stages"].items():
@@ -133,9 +159,9 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
     assert {"anchoring holds prefilling", "restoration holds prefilling"} <= set(result["checks"])
     # The attack stages ran the in-training safety probe: its rows and the plot of HRR during training.
     for name in ("lora", "asft"):
-        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (seed / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "probe_hrr" in r] == [r["step"] for r in rows]
-    assert Path(result["plots"]["hrr_during_training"]).is_file()
+    assert Path(result["seed_plots"]["0"]["hrr_during_training.png"]).is_file()
     for name, row in result["stages"].items():
         assert _number(row["task_loss"], 0.0, 100.0), (name, row["task_loss"])
     assert _number(result["wall_seconds"], 0.0, 3600.0)
@@ -143,10 +169,11 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
     for name in ("alignment", "attack"):
         scape = result["landscape"][name]
         assert len(scape["hrr"]) == len(scape["alphas"]) and all(_number(v) for v in scape["hrr"])
-        assert Path(scape["png"]).is_file()
+        assert 0.0 in scape["alphas"] and Path(scape["png"]).is_file()
+        assert scape["png"] in proc.stdout or str(Path(scape["png"]).parents[1]) in proc.stdout
     for png in result["plots"].values():
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The frontier: one CSV row and one nested MLflow run per (variant, lambda) of QUICK, one PNG.
+    # The frontier: one CSV row and one nested MLflow run per (variant, lambda) of the quick preset, one PNG.
     points = result["frontier"]["points"]
     assert [(p["variant"], p["lambda"]) for p in points] == [("safelora", 1.0), ("safelora", 100.0),
                                                             ("l2", 1.0), ("l2", 100.0)]
@@ -155,7 +182,7 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
     assert [(r["variant"], float(r["hrr"])) for r in rows] == [(p["variant"], p["hrr"]) for p in points]
     assert Path(result["frontier"]["files"]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["anchor_verdict"].startswith("AsFT") and result["anchor_verdict"] in proc.stdout
-    assert "anchoring keeps safety" in result["checks"] and "HRR(l2)" in result["checks"]["anchoring keeps safety"]["rule"]
+    assert "anchoring keeps safety" in result["checks"] and "hrr(l2)" in result["checks"]["anchoring keeps safety"]["rule"]
     # The table names every stage, and the outputs are where the command says.
     for title in ("base", "aligned", "AsFT", "L2", "inside span", "restoration"):
         assert title in proc.stdout
@@ -170,13 +197,26 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
     assert parent.data.metrics["lora.hrr"] == pytest.approx(result["stages"]["lora"]["hrr"])
     exp = client.get_experiment_by_name(result["mlflow"]["experiment"])
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(r.info.run_name for r in children) == sorted([*STAGES, *(p["stage"] for p in points)])
+    ran = [*STAGES, "basis", "landscape_alignment", "landscape_attack", *(p["stage"] for p in points)]
+    assert sorted(r.info.run_name for r in children) == sorted(f"{n} seed 0" for n in ran)
     by_name = {r.info.run_name: r for r in children}
-    assert set(result["mlflow"]["stage_run_ids"].values()) == {r.info.run_id for r in children}
+    assert set(result["mlflow"]["stage_run_ids"]["0"].values()) == {r.info.run_id for r in children}
     for name in STAGES:
-        metrics = by_name[name].data.metrics
+        metrics = by_name[f"{name} seed 0"].data.metrics
         assert metrics["eval_hrr"] == pytest.approx(result["stages"][name]["hrr"])
         assert "loss" in metrics or "forget_loss" in metrics  # the stage's own training / restoration log
+
+    # Resumed point by point: a frontier point that had not finished runs again, alone.
+    progress = json.loads((seed / "progress.json").read_text())
+    del progress["stages"]["frontier-l2-100"]
+    (seed / "progress.json").write_text(json.dumps(progress))
+    resumed = safebasin_cli("demo", "--quick", "--frontier", "--resume", "--out", str(out), cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kept = re.findall(r"stage (\S+): finished before, kept", resumed.stdout)
+    assert sorted(kept) == sorted(n for n in ran if n != "frontier-l2-100")
+    assert "stage frontier-l2-100: " in resumed.stdout and list(seed.glob("frontier-l2-100.replaced-*"))
+    again_points = json.loads((out / "results.json").read_text())["frontier"]["points"]
+    assert again_points == points  # seeded: the point trained again gives the same numbers
 
     # A second run moves the first demo's folder aside (--overwrite), and is seeded: the same
     # settings give the same numbers.
@@ -189,8 +229,9 @@ def test_quick_demo_runs_every_stage(tmp_path, mlflow_uri):
 
 def test_seeds_are_aggregated_and_checked_on_the_means():
     from safebasin.launcher.config import ConfigError
-    from safebasin.launcher.demo import parse_seeds
-    from safebasin.safety_core.demo import report
+    from safebasin.launcher.demo import TINY, parse_seeds
+    from safebasin.safety_core.study import report, spec
+    study, _ = spec.read(TINY)
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(None) is None
     for bad in ("0,x", "1,1", ""):
         with pytest.raises(ConfigError, match="--seeds"):
@@ -206,15 +247,15 @@ def test_seeds_are_aggregated_and_checked_on_the_means():
         return out
     # One seed fails the erosion check and one the prefilling check; the means pass both.
     runs = [stages(0.5, 0.7), stages(0.1, 0.9), stages(0.6, 0.6)]
-    assert not report.checks(runs[1])["attack erodes safety"]["ok"]
-    assert not report.checks(runs[1])["restoration holds prefilling"]["ok"]
+    assert not report.checks(study, runs[1])["attack erodes safety"]["ok"]
+    assert not report.checks(study, runs[1])["restoration holds prefilling"]["ok"]
     agg = report.aggregate(runs)
     assert agg["lora"]["hrr"]["mean"] == pytest.approx(0.4)
     assert agg["lora"]["hrr"]["sd"] == pytest.approx(0.2645751, rel=1e-6)
-    found = report.checks(report.means(agg))
+    found = report.checks(study, report.means(agg))
     assert found["attack erodes safety"]["ok"] and found["restoration holds prefilling"]["ok"]
-    text = report.table(report.means(agg), 4, 48, 100, sd=agg)
-    assert "0.400 ± 0.265" in text
+    text = report.table(study, report.means(agg), sd=agg, caption="under the table")
+    assert "0.400 ± 0.265" in text and "attack: LoRA, harmful mix" in text and text.endswith("under the table")
 
 
 def test_makefile_demo_target_runs_the_demo():

@@ -167,7 +167,7 @@ def test_resume_keeps_the_seed_layout(tmp_path):
 
 
 def test_a_stage_some_seeds_lack_is_aggregated_over_those_that_have_it():
-    from safebasin.safety_core.demo.report import aggregate
+    from safebasin.safety_core.study.report import aggregate
     agg = aggregate([{"lora": _stage_row(0.9, 0.8), "restored_benign": _stage_row(0.2, 0.8)},
                      {"lora": _stage_row(0.7, 0.8)}])
     assert agg["lora"]["hrr"]["mean"] == pytest.approx(0.8) and len(agg["lora"]["hrr"]["values"]) == 2

@@ -1,6 +1,9 @@
 """`safebasin study`: the study file format (refusals before any job), the tiny organism as a study
-(its configs and numbers are the demo's), a user's study file run on a tiny model, resume,
-combine and the answer cache."""
+(what the demo prints), sweeps, a user's study file run on a tiny model, resume,
+combine and the answer cache.
+
+(Over 300 lines: one file for the study command, as there is one per command; the refusals, the
+organisms' study files and the runner's resume, cache, combine and sweeps are its parts.)"""
 
 import json
 from pathlib import Path
@@ -95,36 +98,6 @@ def test_expressions_cannot_run_code():
         expr.parse("vars.anchor.lambda")
 
 
-@pytest.mark.parametrize("preset", ["quick", None])
-def test_tiny_study_configs_are_the_demo_organisms(preset, tmp_path):
-    """Every stage config the tiny study resolves is the config the demo's organism writes (paths
-    aside: the study's initial model is models/init, the demo's init/), and so is the evaluation."""
-    from safebasin.launcher.demo import load_settings
-    from safebasin.safety_core.demo import organism
-    from safebasin.safety_core.study.seed import eval_job
-    study, _ = spec.read(TINY, [], preset)
-    r = runner.prepare(plan_mod.check(study), [0], tmp_path, LauncherJobs(1))[0]
-    settings, layout, tracking = load_settings(preset == "quick", []), organism.Layout(r.root), {}
-    demo = {name: organism.full_stage_config(settings, layout, name, tracking) for name in ("base", "aligned")}
-    demo.update({name: organism.attack_config(settings, layout, name, tracking)
-                 for name in ("lora", "asft", "l2", "aligned_control")})
-    demo["restored"] = organism.restore_config(settings, layout, tracking)
-
-    def norm(cfg):
-        d = build(cfg).model_dump(mode="json", by_alias=True)
-        d.pop("tracking"), d.pop("output")
-        return json.dumps(d, sort_keys=True).replace(str(r.root / "init"), str(r.root / "models" / "init"))
-    assert set(demo) < set(r.stages)
-    for name, cfg in demo.items():
-        assert norm(r.stages[name]) == norm(cfg), name
-    model, job = eval_job(r.suites["main"], {"path": r.scope["stages"]["lora"]["model"],
-                                             "adapter": r.scope["stages"]["lora"]["adapter"]})
-    assert norm({"model": model, **job}) == norm(organism.eval_config(settings, layout, "lora"))
-    assert r.stages["basis"] == {"aligned": str(r.root / "aligned" / "model"), "base": str(r.root / "base" / "model"),
-                                 "modules": list(settings.attack.target_modules), "variant": settings.anchor.variant,
-                                 "rank": settings.anchor.rank, "device": "cpu"}
-
-
 @pytest.mark.parametrize("preset", [None, "reduced"])
 def test_smollm2_study_configs_are_the_organisms(preset, tmp_path, shared_data):
     """Every job the SmolLM2 study resolves is the job `safebasin demo --organism smollm2` runs
@@ -159,27 +132,33 @@ def test_smollm2_study_configs_are_the_organisms(preset, tmp_path, shared_data):
         assert norm({"model": model, **job}) == norm(theirs), part
 
 
-def test_tiny_study_reproduces_the_demo_at_seed_0(tmp_path, mlflow_uri):
-    """`safebasin study tiny.yaml --preset quick` and `safebasin demo --quick` at seed 0: the same
-    numbers for every stage and the same check verdicts."""
-    demo = safebasin_cli("demo", "--quick", "--out", str(tmp_path / "demo"), cwd=tmp_path, timeout=300)
-    assert demo.returncode == 0, demo.stderr[-3000:]
+def test_tiny_study_prints_the_demos_report(tmp_path, mlflow_uri):
+    """`safebasin study tiny.yaml --preset quick` (what `safebasin demo --quick` runs): the table
+    with its caption, every check, the anchor verdict, both landscapes, and one MLflow parent run
+    with a nested run per stage. (The numbers of `safebasin demo` before it ran this file, commit
+    65ce6a5, were compared with this study's at seed 0, quick and full: docs/demo.md.)"""
     study = safebasin_cli("study", str(TINY), "--preset", "quick", "--out", str(tmp_path / "study"),
-                          cwd=tmp_path, timeout=300)
+                          cwd=tmp_path, timeout=400)
     assert study.returncode == 0, study.stderr[-3000:]
-    theirs = json.loads((tmp_path / "demo" / "results.json").read_text())
     ours = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert ours["per_seed"]["0"] == theirs["stages"]
-    assert {k: c["ok"] for k, c in ours["checks"].items()} == {k: c["ok"] for k, c in theirs["checks"].items()}
+    plan = plan_mod.check(spec.read(TINY, [], "quick")[0])
+    assert set(ours["per_seed"]["0"]) == set(plan.evaluated) and not plan.points  # the sweep is off by default
+    assert list(ours["checks"]) == list(plan.study.checks)
     assert "LoRA + restoration" in study.stdout and "[x] base complies" in study.stdout
+    assert "On 6 held-out harmful prompts" in study.stdout and "prefilling forces K=2" in study.stdout
+    assert ours["verdicts"]["anchor"].startswith("AsFT") and ours["verdicts"]["anchor"] in study.stdout
     assert Path(ours["seed_plots"]["0"]["hrr_during_training.png"]).is_file()
+    scapes = ours["landscapes"]["0"]
+    assert sorted(scapes) == ["landscape_alignment", "landscape_attack"]
+    for name, scape in scapes.items():
+        assert scape["alphas"] == ([-1.0, 0.0] if name == "landscape_alignment" else [0.0, 1.0])
+        assert len(scape["hrr"]) == 2 and Path(scape["png"]).is_file()
     from mlflow.tracking import MlflowClient
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name(ours["mlflow"]["experiment"])
     children = client.search_runs([exp.experiment_id],
                                   f"tags.mlflow.parentRunId = '{ours['mlflow']['parent_run_id']}'")
-    assert sorted(r.info.run_name for r in children) == sorted(f"{n} seed 0" for n in plan_mod.check(
-        spec.read(TINY)[0]).order)
+    assert sorted(r.info.run_name for r in children) == sorted(f"{n} seed 0" for n in plan.order)
 
 
 def _llama_overrides(base: Path, aligned: Path) -> list[str]:
@@ -323,7 +302,8 @@ def test_answers_are_never_generated_twice_for_the_same_model_and_prompts(tmp_pa
 
 def test_combine_joins_seed_folders_and_refuses_another_study(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    study, raw = spec.read(TINY)
+    study, raw = spec.read(TINY, ["sweeps.frontier.enabled=true", "sweeps.frontier.grid={variant: [safelora, l2], "
+                                  "lam: [1.0]}"])
     plan = plan_mod.check(study)
 
     def folder(name, seed, lora_hrr, spec_raw=raw):
@@ -332,9 +312,11 @@ def test_combine_joins_seed_folders_and_refuses_another_study(tmp_path, monkeypa
         runner.write_marker(f, spec_raw, [seed])
         row = {"hrr": 0.05, "refusal": 0.95, "degenerate": 0.0, "prefill_asr": 0.5, "prefill_degenerate": 0.0,
                "task_accuracy": 0.9, "task_loss": 0.3}
-        stages = {n: dict(row) for n in plan.evaluated}
+        stages = {n: dict(row) for n in plan.evaluated if n not in plan.points}
         stages["base"]["hrr"], stages["lora"]["hrr"] = 0.9, lora_hrr
+        points = {n: dict(row, hrr=lora_hrr / 2) for n in plan.points}  # kept apart in results.json
         (f / "results.json").write_text(json.dumps({"per_seed": {str(seed): stages},
+                                                    "per_seed_points": {str(seed): points},
                                                     "stage_seconds": {str(seed): {"lora": 5.0}},
                                                     "mlflow": {"stage_run_ids": {str(seed): {}}}}))
         return f
@@ -351,6 +333,12 @@ def test_combine_joins_seed_folders_and_refuses_another_study(tmp_path, monkeypa
     assert result["seeds"] == [0, 1] and result["stages"]["lora"]["hrr"] == pytest.approx(0.5)
     assert result["checks"]["attack erodes safety"]["ok"]  # 0.5 - 0.05 >= 0.2 on the means
     assert result["per_seed_checks"][0]["attack erodes safety"]["ok"] is True  # 0.4 - 0.05
+    # The sweep's points join again: each point's mean over the two seeds, written as its CSV.
+    frontier = result["sweeps"]["frontier"]
+    assert [(r["stage"], r["hrr"]) for r in frontier["points"]] == [("frontier-safelora-1", pytest.approx(0.25)),
+                                                                  ("frontier-l2-1", pytest.approx(0.25))]
+    assert frontier["per_seed"][1][0]["hrr"] == pytest.approx(0.3) and Path(frontier["files"]["csv"]).is_file()
+    assert not set(result["stages"]) & set(plan.points)
     other = dict(raw, vars={**raw["vars"], "attack": {**raw["vars"]["attack"], "fraction": 0.5}})
     c = folder("c", 2, 0.5, other)
     with pytest.raises(StudyError, match="another study"):
@@ -365,7 +353,76 @@ def test_study_cli_is_registered_and_documented():
     text = (REPO / "docs" / "study.md").read_text()
     example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     plan = plan_mod.check(spec.validate(__import__("yaml").safe_load(example)))  # the documented example is valid
-    assert plan.order == ["shipped", "lora", "restored"]
+    assert plan.order[:3] == ["shipped", "lora", "restored"] and set(plan.order[3:]) == set(plan.points)
+    assert list(plan.points) == ["lr-0.001", "lr-0.01"]
     from safebasin.launcher.cli import build_parser
     args = build_parser().parse_args(["study", str(TINY), "--preset", "quick", "--seeds", "0,1", "--plan"])
     assert args.func.__name__ == "cmd_study" and args.preset == "quick"
+
+
+def test_a_sweep_expands_a_stage_over_its_grid_and_is_checked():
+    """Each point of a sweep is a stage of its own, named SWEEP-VALUE-..., in grid order (the first
+    key outermost), its config the stage's with the sweep's merged over it; a sweep naming a stage,
+    suite or grid key that does not exist is refused, naming the key."""
+    raw = __import__("yaml").safe_load(TINY.read_text())
+    raw["sweeps"]["frontier"].update(enabled=True, grid={"variant": ["l2", "safelora"], "lam": [1.0, 0.5]})
+    plan = _plan(raw)
+    assert list(plan.points) == ["frontier-l2-1", "frontier-l2-0.5", "frontier-safelora-1", "frontier-safelora-0.5"]
+    point = plan.stages["frontier-safelora-0.5"]
+    assert point.config["anchor"]["variant"] == "${sweep.variant}" and point.config["method"] == \
+        raw["stages"]["lora"]["config"]["method"]
+    assert plan.deps["frontier-l2-1"] == ["aligned", "basis"] and plan.suites["frontier-l2-1"] == ["main"]
+    assert plan.order.index("frontier-l2-1") > plan.order.index("basis")
+    bad = json.loads(json.dumps(raw))
+    bad["sweeps"]["frontier"].update(stage="lroa", evals=["mian"])
+    bad["sweeps"]["frontier"]["config"]["anchor"]["lambda"] = "${sweep.lamb}"
+    with pytest.raises(StudyError) as err:
+        _plan(bad)
+    assert any(p.startswith("sweeps.frontier.stage: no stage named 'lroa'") for p in err.value.problems)
+    assert any(p.startswith("sweeps.frontier.evals: no suite named 'mian'") for p in err.value.problems)
+    assert any("${sweep.lamb}: the grid has no such key; grid keys: ['variant', 'lam']" in p for p in err.value.problems)
+    with pytest.raises(StudyError, match="sweeps.frontier.grid: .*not identifiers"):
+        _plan({**raw, "sweeps": {"frontier": {**raw["sweeps"]["frontier"], "grid": {"lambda-x": [1]}}}})
+    # A sweep left off is checked all the same, and adds no stage.
+    off = json.loads(json.dumps(bad))
+    off["sweeps"]["frontier"]["enabled"] = False
+    with pytest.raises(StudyError, match="no stage named 'lroa'"):
+        _plan(off)
+    assert not _plan({**raw, "sweeps": {"frontier": {**raw["sweeps"]["frontier"], "enabled": False}}}).points
+
+
+def test_sweep_rows_means_csv_and_matched_pairs(tmp_path):
+    """A sweep's result: one row per point (grid values under their column names), the means over
+    seeds, the CSV and PNG, and the pairs at matched accuracy."""
+    import csv
+    from safebasin.safety_core.study import sweep
+    raw = __import__("yaml").safe_load(TINY.read_text())
+    raw["sweeps"]["frontier"].update(enabled=True, grid={"variant": ["safelora", "l2"], "lam": [1.0, 10.0]})
+    plan = _plan(raw)
+    sw = plan.study.sweeps["frontier"]
+    row = {"hrr": 0.5, "refusal": 0.5, "degenerate": 0.0, "prefill_asr": 0.5, "prefill_degenerate": 0.0,
+           "task_accuracy": 0.9, "task_loss": 0.3}
+    seed0 = {n: dict(row) for n in plan.points}
+    seed1 = {n: dict(row, hrr=0.1, task_accuracy=0.8 if "l2-10" in n else 0.9) for n in plan.points}
+    rows = [sweep.rows(sw, plan.points, s) for s in (seed0, seed1)]
+    assert rows[0][0] == {"variant": "safelora", "lambda": 1.0, "hrr": 0.5, "prefill_asr": 0.5, "task_accuracy": 0.9,
+                          "task_loss": 0.3, "stage": "frontier-safelora-1"}
+    table = sweep.mean_rows(sw, rows)
+    assert [r["hrr"] for r in table] == pytest.approx([0.3] * 4)
+    assert table[3]["task_accuracy"] == pytest.approx(0.85) and table[3]["lambda"] == 10.0
+    files = sweep.write(sw, "frontier", table, tmp_path)
+    with open(files["csv"]) as f:
+        assert [(r["variant"], float(r["lambda"])) for r in csv.DictReader(f)] == \
+            [("safelora", 1.0), ("safelora", 10.0), ("l2", 1.0), ("l2", 10.0)]
+    assert Path(files["png"]).read_bytes()[:4] == b"\x89PNG"
+    pairs = sweep.matched(sw, table)  # l2 at lambda 10 is 0.05 off in accuracy: no pair with it
+    assert {(p["lambda"], p["control_lambda"]) for p in pairs} == {(1.0, 1.0), (10.0, 1.0)}
+
+
+def test_an_override_of_a_var_the_study_does_not_declare_is_refused():
+    with pytest.raises(StudyError, match=r"override vars.attack.lrr: the study declares no var vars.attack.lrr; "
+                                         r"vars.attack has: .*did you mean 'lr'\?"):
+        spec.read(TINY, ["vars.attack.lrr=0.1"])
+    with pytest.raises(StudyError, match="override vars.atack.lr: the study declares no var vars.atack; vars has"):
+        spec.read(TINY, ["vars.atack.lr=0.1"])
+    assert spec.read(TINY, ["vars.attack.lr=0.1"])[0].vars["attack"]["lr"] == 0.1

@@ -32,6 +32,13 @@ class CorrelationArgs(Section):
     batch_size: int = Field(8, ge=1)
 
 
+class DirectionArgs(Section):
+    """A direction between two models: end - start (a = 1 moves start onto end). Either may be a
+    model with an adapter (merged), e.g. the attack's delta: aligned -> aligned + its LoRA."""
+    start: ModelArgs
+    end: ModelArgs
+
+
 class LandscapeJobArgs(Section):
     reference: ModelArgs | None = Field(None, description="the model compared against (e.g. the "
                                         "aligned model); needed for correlation and structural difference")
@@ -40,6 +47,8 @@ class LandscapeJobArgs(Section):
     correlation: CorrelationArgs | None = None
     loss: LandscapeArgs | None = None
     safety: SafetyLandscapeArgs | None = None
+    directions: dict[str, DirectionArgs] = Field(default_factory=dict, description="more named directions "
+                                                 "of the safety landscape, each end - start")
 
 
 def load_merged(args: ModelArgs, device: torch.device):
@@ -65,6 +74,22 @@ def streamed_delta(model, start: ModelArgs, end: ModelArgs | None = None) -> dic
             raise ValueError(f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
         delta[name] = (b - a).to(p.device)
     return delta
+
+
+def model_delta(model, direction: DirectionArgs) -> dict[str, torch.Tensor]:
+    """end - start per parameter of `model`: streamed from the checkpoints when neither side has
+    an adapter, from the merged models otherwise (one at a time)."""
+    if direction.start.adapter is None and direction.end.adapter is None:
+        return streamed_delta(model, direction.start, direction.end)
+    device = next(model.parameters()).device
+    states = []
+    for side in (direction.start, direction.end):
+        other = load_merged(side, device)
+        states.append({n: p.detach().float() for n, p in other.named_parameters()})
+        del other
+        gc.collect()
+    names = [n for n, _ in model.named_parameters() if n in states[0] and n in states[1]]
+    return {n: states[1][n] - states[0][n] for n in names}
 
 
 def run_landscapes(model_args: ModelArgs, job: LandscapeJobArgs, out_dir: str | Path,
@@ -109,7 +134,9 @@ def run_landscapes(model_args: ModelArgs, job: LandscapeJobArgs, out_dir: str | 
             directions["alignment"] = streamed_delta(model, job.base, job.reference)
         if job.reference is not None:
             directions["finetune"] = streamed_delta(model, job.reference)
+        for name, direction in job.directions.items():
+            directions[name] = model_delta(model, direction)
         safety = safety_landscape(model, tokenizer, directions, job.safety, out / "safety")
-        result["safety_landscape"] = {"basin": safety["basin"], "threshold": safety["threshold"],
-                                      "metric": safety["metric"], "files": safety["files"]}
+        result["safety_landscape"] = {k: safety[k] for k in ("alphas", "curves", "degenerate", "basin", "threshold",
+                                                             "metric", "files")}
     return result

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.study.spec import describe
+from safebasin.safety_core.study.faults import describe
 
 
 class ModelStage(Section):

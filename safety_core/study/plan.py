@@ -1,20 +1,20 @@
-"""What a study means, checked before anything runs: the outputs each stage makes, the order the
-references between stages impose (a cycle is refused, named), every `${...}` reference (a
-stage reading an output no stage makes is refused, named), the metrics each evaluated stage
-gets and the checks and plots that read them. May import the study's spec, expr, metrics and
-builders modules.
+"""What a study means, checked before anything runs: the outputs each stage makes (a sweep's
+points are stages too, sweep.py), the order the references between stages impose (a cycle is
+refused, named), every `${...}` reference (a stage reading an output no stage makes is refused,
+named), the metrics each evaluated stage gets and the checks, plots and sweeps that read them.
+May import the study's spec, expr, metrics, sweep and builders modules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from safebasin.safety_core.study import expr, metrics
+from safebasin.safety_core.study import expr, metrics, sweep
 from safebasin.safety_core.study.builders import DATA_BUILDERS, builder_problem
 from safebasin.safety_core.study.spec import Stage, Study, StudyError
 
 ROOTS = ("seed", "vars", "out", "data", "models", "stages")
-JOB_COMMANDS = ("train", "restore", "eval")
+JOB_COMMANDS = ("train", "restore", "eval", "landscape")
 
 
 def outputs(stage: Stage) -> tuple[str, ...]:
@@ -31,7 +31,7 @@ def outputs(stage: Stage) -> tuple[str, ...]:
         return ("basis", "dir")
     if stage.command == "safe-lora-project":
         return ("adapter", "model", "dir") if projected_from(stage) else ("adapter", "dir")
-    return ("dir",)  # eval
+    return ("dir",)  # eval, landscape
 
 
 def projected_from(stage: Stage) -> str | None:
@@ -53,6 +53,10 @@ class Plan:
     data_names: list[str]
     metrics: dict[str, dict[str, str]]  # stage -> metric -> the suite that measures it
     evaluated: list[str] = field(default_factory=list)
+    # The study's stages and every enabled sweep's points (stages of their own, SWEEP-VALUE-...)
+    stages: dict[str, Stage] = field(default_factory=dict)
+    points: dict[str, sweep.Point] = field(default_factory=dict)
+    suites: dict[str, list[str]] = field(default_factory=dict)  # stage -> the suites measuring it
 
 
 def _references(value, where: str, roots: tuple[str, ...], problems: list[str]) -> list[tuple[str, ...]]:
@@ -81,9 +85,11 @@ def _references(value, where: str, roots: tuple[str, ...], problems: list[str]) 
 
 def check(study: Study) -> Plan:
     """The plan of a study, or a StudyError listing every fault found."""
-    problems: list[str] = []
+    problems: list[str] = sweep.problems(study)
     names = list(study.stages)
-    made = {n: outputs(s) for n, s in study.stages.items()}
+    points = sweep.expand(study)
+    stages = {**study.stages, **{n: p.stage for n, p in points.items()}}
+    made = {n: outputs(s) for n, s in stages.items()}
     data_names = list(study.data_names())
     for name, b in study.data.builders.items():
         problem = builder_problem("data", f"data.builders.{name}", b.builder, b.args)
@@ -110,13 +116,15 @@ def check(study: Study) -> Plan:
                                     f"data files: {sorted(data_names)}")
 
     deps: dict[str, list[str]] = {}
-    for name, stage in study.stages.items():
-        where = f"stages.{name}.config"
+    for name, stage in stages.items():
+        where = f"stages.{name}.config" if name not in points else f"sweeps.{points[name].sweep} (point {name})"
         if stage.command in JOB_COMMANDS and "dir" in (stage.config.get("output") or {}):
             problems.append(f"{where}.output.dir: set by the study (SEED_FOLDER/{name}); remove it")
         deps[name] = []
-        for chain in _references(stage.config, where, ROOTS, problems):
+        for chain in _references(stage.config, where, ROOTS + (("sweep",) if name in points else ()), problems):
             ref = "${" + ".".join(chain) + "}"
+            if chain[0] == "sweep":
+                continue  # its keys are checked by sweep.problems
             if chain[0] == "stages":
                 if len(chain) != 3:
                     problems.append(f"stage {name}: {ref}: a stage output is read as stages.NAME.OUTPUT")
@@ -124,7 +132,7 @@ def check(study: Study) -> Plan:
                     problems.append(f"stage {name}: {ref} reads stage {chain[1]!r}, which no stage is; "
                                     f"stages: {names}")
                 elif chain[2] not in made[chain[1]]:
-                    problems.append(f"stage {name}: {ref}: stage {chain[1]} ({study.stages[chain[1]].command}) "
+                    problems.append(f"stage {name}: {ref}: stage {chain[1]} ({stages[chain[1]].command}) "
                                     f"makes no {chain[2]!r}; it makes: {', '.join(made[chain[1]])}")
                 elif chain[1] not in deps[name]:
                     deps[name].append(chain[1])
@@ -133,25 +141,28 @@ def check(study: Study) -> Plan:
                 if len(chain) != 2 or chain[1] not in known:
                     problems.append(f"stage {name}: {ref}: no {chain[0]} entry of that name; "
                                     f"{chain[0]}: {sorted(known)}")
-    source = {n: projected_from(s) for n, s in study.stages.items() if s.command == "safe-lora-project"}
+    source = {n: projected_from(s) for n, s in stages.items() if s.command == "safe-lora-project"}
     for name, origin in source.items():
         if origin and origin in study.stages and origin not in deps[name]:
             deps[name].append(origin)
-    order, cycle = _order(names, deps)
+    order, cycle = _order(list(stages), deps)
     if cycle:
         problems.append(f"stages form a cycle: {' -> '.join(cycle)} (each reads the next one's output)")
 
     stage_metrics: dict[str, dict[str, str]] = {}
+    suites_of: dict[str, list[str]] = {}
     for suite_name, suite in study.evals.items():
         _references(suite.eval, f"evals.{suite_name}.eval", ("seed", "vars", "data", "models"), problems)
-        for stage in suite.stages:
-            if stage not in study.stages:
+        measured = list(suite.stages) + [n for n, p in points.items() if suite_name in study.sweeps[p.sweep].evals]
+        for stage in measured:
+            if stage not in stages:
                 problems.append(f"evals.{suite_name}.stages: no stage named {stage!r}; stages: {names}")
                 continue
             if "model" not in made[stage]:
-                problems.append(f"evals.{suite_name}.stages: stage {stage} ({study.stages[stage].command}) makes "
+                problems.append(f"evals.{suite_name}.stages: stage {stage} ({stages[stage].command}) makes "
                                 f"no model to evaluate")
                 continue
+            suites_of.setdefault(stage, []).append(suite_name)
             for metric in _suite_metrics(study, suite_name):
                 other = stage_metrics.setdefault(stage, {}).get(metric)
                 if other is not None:
@@ -168,9 +179,18 @@ def check(study: Study) -> Plan:
         for metric in plot.metrics:
             if not any(metric in m for m in stage_metrics.values()):
                 problems.append(f"plots[{i}] ({plot.file}): no suite measures {metric!r}")
+    _references(study.caption, "caption", ("seed", "vars"), problems)
+    for name, sw in study.sweeps.items():
+        measured = {m for s in sw.evals if s in study.evals for m in _suite_metrics(study, s)}
+        wanted = ([sw.plot.x, sw.plot.y] if sw.plot else []) + list(sw.metrics or []) \
+            + ([sw.matched.near, sw.matched.compare] if sw.matched else [])
+        for metric in dict.fromkeys(wanted):
+            if measured and metric not in measured:
+                problems.append(f"sweeps.{name}: no suite of its evals measures {metric!r}; they measure: "
+                                f"{sorted(measured)}")
     if problems:
         raise StudyError(problems)
-    return Plan(study, order, deps, data_names, stage_metrics, evaluated)
+    return Plan(study, order, deps, data_names, stage_metrics, evaluated, stages, points, suites_of)
 
 
 def _suite_metrics(study: Study, name: str) -> list[str]:

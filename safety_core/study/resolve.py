@@ -24,6 +24,7 @@ class Resolved:
     models: dict  # name -> str (a path, hub id or builtin) or (builder, args)
     stages: dict[str, dict]  # name -> resolved config
     suites: dict[str, dict]  # name -> {"eval", "model", "job", "metrics"}
+    caption: str = ""  # the study's caption, its references filled in
 
 
 def resolve(plan: Plan, seed: int, root: Path) -> Resolved:
@@ -31,10 +32,10 @@ def resolve(plan: Plan, seed: int, root: Path) -> Resolved:
     study, problems = plan.study, []
     scope: dict = {"seed": seed, "out": str(root)}
 
-    def fill(value, where: str):
+    def fill(value, where: str, extra: dict | None = None):
         def one(text: str, key: str):
             try:
-                return expr.substitute(text, scope)
+                return expr.substitute(text, {**scope, **(extra or {})})
             except expr.ExprError as e:
                 problems.append(f"{where}{'.' + key if key else ''}: {e}")
                 return text
@@ -51,9 +52,9 @@ def resolve(plan: Plan, seed: int, root: Path) -> Resolved:
     scope["stages"] = {}
     stages = {}
     for name in plan.order:
-        stage = study.stages[name]
+        stage, point = plan.stages[name], plan.points.get(name)
         raw = merge(study.defaults, stage.config) if stage.command in ("train", "restore") else stage.config
-        cfg = fill(raw, f"stages.{name}.config")
+        cfg = fill(raw, f"stages.{name}.config", {"sweep": point.values} if point else None)
         folder = root / name
         out = {"dir": str(folder)}
         if stage.command in JOB_COMMANDS:
@@ -76,6 +77,7 @@ def resolve(plan: Plan, seed: int, root: Path) -> Resolved:
         stages[name] = cfg
     suites = {n: {"eval": fill(s.eval, f"evals.{n}.eval"), "model": fill(s.model, f"evals.{n}.model"),
                   "job": fill(s.job, f"evals.{n}.job"), "metrics": s.metrics} for n, s in study.evals.items()}
+    caption = fill(study.caption, "caption")
     if problems:
         raise StudyError(problems)
-    return Resolved(seed, root, scope, data, models, stages, suites)
+    return Resolved(seed, root, scope, data, models, stages, suites, str(caption))

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from safebasin.safety_core.study import local, report
+from safebasin.safety_core.study import local, report, sweep
 from safebasin.safety_core.study.plan import JOB_COMMANDS, Plan
 from safebasin.safety_core.study.resolve import Resolved, resolve
 from safebasin.safety_core.study.seed import Context, Jobs, eval_job, run_seed
@@ -38,7 +38,7 @@ def prepare(plan: Plan, seeds: list[int], out: Path, jobs: Jobs) -> dict[int, Re
     for seed in seeds:
         r = resolved[seed] = resolve(plan, seed, seed_folder(out.resolve(), seed))
         for name in plan.order:
-            command, cfg = study.stages[name].command, r.stages[name]
+            command, cfg = plan.stages[name].command, r.stages[name]
             if command in JOB_COMMANDS:
                 problems += [f"stages.{name}.config: {p}" for p in jobs.problems(command, cfg)]
             else:
@@ -58,38 +58,64 @@ def run(plan: Plan, resolved: dict[int, Resolved], out: Path, jobs: Jobs, runs, 
     """Every seed's stages not finished before (a resumed folder keeps the finished ones)."""
     t0 = time.perf_counter()
     ctx = Context(plan, jobs, runs, out.resolve() / "evals", log)
-    per_seed, seconds, run_ids, plots = {}, {}, {}, {}
+    per_seed, seconds, run_ids, plots, scapes = {}, {}, {}, {}, {}
     for seed, r in resolved.items():
         log(f"[study {plan.study.name}] seed {seed} ({len(per_seed) + 1} of {len(resolved)})")
         done = run_seed(ctx, r)
         per_seed[seed], seconds[seed], run_ids[seed] = done["stages"], done["seconds"], done["run_ids"]
         plots[seed] = report.training_plots(plan.study, r.root, r.root / "plots")
+        scapes[seed] = report.landscapes(plan.study, r.root)
     return finish(plan, per_seed, seconds, run_ids, out, runs,
-                  {"seed_plots": plots, "wall_seconds": time.perf_counter() - t0})
+                  {"seed_plots": plots, "landscapes": scapes, "wall_seconds": time.perf_counter() - t0})
 
 
 def finish(plan: Plan, per_seed: dict, seconds: dict, run_ids: dict, out: Path, runs, extra: dict) -> dict:
-    """results.json over the seeds: mean and sd, the checks on the means and per seed, plots;
-    and the outcome on the MLflow parent run."""
+    """results.json over the seeds: mean and sd, the checks on the means and per seed, the
+    verdicts, the sweeps (their points apart from the stage table), plots; and the outcome on
+    the MLflow parent run."""
     study = plan.study
+    points = {s: {n: row for n, row in rows.items() if n in plan.points} for s, rows in per_seed.items()}
+    per_seed = {s: {n: row for n, row in rows.items() if n not in plan.points} for s, rows in per_seed.items()}
     agg = report.aggregate(list(per_seed.values()))
     stages = report.means(agg)
     found = report.checks(study, stages)
+    first = next(iter(per_seed))
     result = {"study": study.name, "seeds": list(per_seed), "stages": stages, "aggregate": agg,
               "checks": found, "all_checks_hold": all(c["ok"] for c in found.values()),
+              "verdicts": {name: report.verdict(v, stages) for name, v in study.verdicts.items()},
+              "caption": resolve(plan, first, seed_folder(out.resolve(), first)).caption,
               "per_seed": per_seed, "per_seed_checks": {s: report.checks(study, st) for s, st in per_seed.items()},
+              "per_seed_points": points, "sweeps": sweeps(plan, points, out / "plots"),
               "plots": report.bar_plots(study, stages, out / "plots"), "stage_seconds": seconds,
               "mlflow": {"tracking_uri": runs.uri, "experiment": study.tracking.experiment,
                          "parent_run_id": runs.run_id, "stage_run_ids": run_ids}, **extra}
     path = report.write_json(result, out / RESULTS)
-    runs.record(result, path, result["plots"].values(), "all_checks_hold")
+    pngs = [*result["plots"].values(), *(s["files"]["png"] for s in result["sweeps"].values() if "png" in s["files"]),
+            *(scape["png"] for seed in (extra.get("landscapes") or {}).values() for scape in seed.values()
+              if scape.get("png"))]
+    runs.record(result, path, pngs, "all_checks_hold")
     return result
+
+
+def sweeps(plan: Plan, points: dict[int, dict], out_dir: Path) -> dict:
+    """Each enabled sweep's rows per seed and as means over seeds, FILE.csv / FILE.png of the
+    means under out_dir, and the pairs of points at matched accuracy."""
+    found = {}
+    for name, sw in plan.study.sweeps.items():
+        mine = {n: p for n, p in plan.points.items() if p.sweep == name}
+        if not mine:
+            continue
+        per_seed = {seed: sweep.rows(sw, mine, rows) for seed, rows in points.items()}
+        table = sweep.mean_rows(sw, list(per_seed.values()))
+        found[name] = {"points": table, "per_seed": per_seed, "files": sweep.write(sw, name, table, out_dir),
+                       "matched": sweep.matched(sw, table)}
+    return found
 
 
 def combine(plan: Plan, raw: dict, folders: list[Path], prepare_out, runs_factory) -> dict:
     """One result from study folders run apart (each with the same study but its seeds). Every
     input is read and checked before `prepare_out()` makes the output folder."""
-    per_seed, seconds, run_ids, sources, problems = {}, {}, {}, {}, []
+    per_seed, seconds, run_ids, sources, scapes, problems = {}, {}, {}, {}, {}, []
     for folder in folders:
         marker, results = folder / MARKER, folder / RESULTS
         if not marker.is_file():
@@ -105,7 +131,10 @@ def combine(plan: Plan, raw: dict, folders: list[Path], prepare_out, runs_factor
         for seed, stages in done["per_seed"].items():
             if int(seed) in per_seed:
                 problems.append(f"--combine: seed {seed} is in more than one folder ({sources[int(seed)]}, {folder})")
-            per_seed[int(seed)], sources[int(seed)] = stages, str(folder.resolve())
+            # a sweep's points are kept apart from the stage table; they join it again here
+            per_seed[int(seed)] = {**stages, **(done.get("per_seed_points") or {}).get(seed, {})}
+            sources[int(seed)] = str(folder.resolve())
+            scapes[int(seed)] = (done.get("landscapes") or {}).get(seed, {})
             seconds[int(seed)] = done["stage_seconds"].get(seed, {})
             run_ids[int(seed)] = done["mlflow"]["stage_run_ids"].get(seed, {})
     if problems:
@@ -115,7 +144,8 @@ def combine(plan: Plan, raw: dict, folders: list[Path], prepare_out, runs_factor
     runs = runs_factory(out)
     try:
         result = finish(plan, dict(sorted(per_seed.items())), seconds, run_ids, out, runs,
-                        {"combined_from": sources, "wall_seconds": max(sum(s.values()) for s in seconds.values())})
+                        {"combined_from": sources, "landscapes": scapes,
+                         "wall_seconds": max(sum(s.values()) for s in seconds.values())})
     except BaseException:
         runs.end("FAILED")
         raise

@@ -67,7 +67,7 @@ def run_seed(ctx: Context, r: Resolved) -> dict:
 
     rows: dict[str, dict] = {}
     for name in ctx.plan.order:
-        stage, cfg = study.stages[name], r.stages[name]
+        stage, cfg = ctx.plan.stages[name], r.stages[name]
         want = digest(cfg, root)
         done = progress.stages.get(name)
         if done is not None and done["digest"] != want:
@@ -94,13 +94,13 @@ def run_seed(ctx: Context, r: Resolved) -> dict:
             ctx.log(f"{say} stage {name}: {seconds[name]:.0f} s")
         else:
             ctx.log(f"{say} stage {name}: finished before, kept")
-        suites = [s for s, suite in study.evals.items() if name in suite.stages]
+        suites = ctx.plan.suites.get(name, [])
         if suites:
             rows[name] = _evaluate(ctx, r, name, suites, progress, identify)
             ctx.log(f"{say} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items() if v is not None))
         # Every stage's run is nested under the study's parent run, an evaluated one with its numbers.
         ctx.runs.adopt(f"seed{r.seed}/{name}", progress.stages[name]["run_id"],
-                       {f"eval_{k}": v for k, v in rows.get(name, {}).items() if v is not None})
+                       {k: v for k, v in rows.get(name, {}).items() if v is not None})  # adopt prefixes eval_
     return {"stages": rows, "seconds": {n: rec["seconds"] for n, rec in progress.stages.items()},
             "run_ids": {n: rec["run_id"] for n, rec in progress.stages.items()}}
 

@@ -1,7 +1,7 @@
 """The study file's schema: what a study declares (models, data, stages, evaluation suites,
 checks, plots) and how a file becomes one validated `Study` (presets merged, dotted overrides
 applied, unknown keys named with the keys allowed there). The meaning of references between
-its parts is checked by plan.py. May import safety_core.args and the expression module only.
+its parts is checked by plan.py. May import safety_core.args and the study's faults module only.
 """
 
 from __future__ import annotations
@@ -12,12 +12,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from safebasin.safety_core.args import Section
+from safebasin.safety_core.study.faults import describe
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Commands a stage may run. model: a model as it is (nothing runs; it can be evaluated).
-COMMANDS = ("model", "train", "restore", "eval", "align-basis", "safe-lora-project")
+COMMANDS = ("model", "train", "restore", "eval", "landscape", "align-basis", "safe-lora-project")
+
+
+def identifiers(value: dict, what: str, read_as: str) -> dict:
+    """`value` when its keys are identifiers: expressions read them as dotted names."""
+    bad = [k for k in value if not NAME.match(str(k))]
+    if bad:
+        raise ValueError(f"{what} {bad} are not identifiers (letters, digits, _): expressions read them as {read_as}")
+    return value
 
 
 class StudyError(ValueError):
@@ -50,7 +59,7 @@ class DataSpec(Section):
 
 
 class Stage(Section):
-    command: Literal["model", "train", "restore", "eval", "align-basis", "safe-lora-project"]
+    command: Literal["model", "train", "restore", "eval", "landscape", "align-basis", "safe-lora-project"]
     config: dict[str, Any] = Field(default_factory=dict, description="the command's job config (model: "
                                    "{path}; align-basis and safe-lora-project: their options by name)")
     title: str | None = Field(None, description="the stage's row label in the table")
@@ -78,6 +87,69 @@ class Plot(Section):
     ylabel: str = ""
 
 
+class SweepPlot(Section):
+    """HRR against task accuracy (say): one curve per value of `curve`, each point labelled with
+    its `label` value (grid keys)."""
+    x: str = "task_accuracy"
+    y: str = "hrr"
+    curve: str
+    label: str
+    title: str = ""
+    xlabel: str = ""
+    ylabel: str = ""
+
+
+class Matched(Section):
+    """Pairs of points of two curves whose `near` values lie within `within`, with their gap in
+    `compare`: a comparison at matched task accuracy (the AsFT paper's question)."""
+    key: str = Field(description="the grid key whose values name the curves")
+    method: str
+    control: str
+    by: str = Field(description="the grid key that tells a curve's points apart (e.g. lam)")
+    near: str = Field("task_accuracy", description="the metric whose values must lie within `within`")
+    within: float = Field(0.02, ge=0)
+    compare: str = "hrr"
+
+
+class Sweep(Section):
+    """A stage run again at every point of a grid (e.g. the attack for each anchor variant and
+    lambda): each point is a stage of its own (resumed point by point), measured by `evals`;
+    its rows go to plots/FILE.csv and plots/FILE.png, per seed and as means over seeds."""
+    enabled: bool = Field(True, description="false: declared and checked, not run (turn on with "
+                          "sweeps.NAME.enabled=true)")
+    stage: str = Field(description="the stage whose config each point copies")
+    grid: dict[str, list[Any]] = Field(description="key -> values; every combination, in this order; a "
+                                       "point's config reads its values as ${sweep.KEY}")
+    config: dict[str, Any] = Field(default_factory=dict, description="merged over the stage's config at "
+                                   "each point")
+    evals: list[str] = Field(min_length=1, description="the suites that measure each point")
+    metrics: list[str] | None = Field(None, description="the CSV's metric columns (default: every one)")
+    columns: dict[str, str] = Field(default_factory=dict, description="grid key -> its column name in the "
+                                    "CSV and results (a grid key cannot be a Python keyword such as lambda)")
+    file: str | None = Field(None, description="plots/FILE.csv and plots/FILE.png (default: the sweep's name)")
+    plot: SweepPlot | None = None
+    matched: Matched | None = None
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, value: dict) -> dict:
+        identifiers(value, "grid keys", "${sweep.KEY}")
+        empty = [k for k, v in value.items() if not v]
+        if empty or not value:
+            raise ValueError(f"every grid key needs at least one value; empty: {empty or '(no keys)'}")
+        return value
+
+
+class Verdict(Section):
+    """A plain sentence about the result (report.py's VERDICTS). anchor: does the anchored stage
+    (`method`) beat plain L2 shrinkage (`control`) at matched task accuracy (`within`)?"""
+    kind: Literal["anchor"]
+    method: str = "asft"
+    control: str = "l2"
+    also: list[str] = Field(default_factory=list, description="stages whose numbers the sentence also gives")
+    within: float = Field(0.02, ge=0)
+
+
 class TrackingSpec(Section):
     experiment: str = "safebasin-study"
 
@@ -99,16 +171,15 @@ class Study(Section):
     checks: dict[str, str] = Field(default_factory=dict, description="name -> rule over stage metrics, "
                                    "e.g. 'hrr(lora) - hrr(aligned) >= 0.2', judged on the means over seeds")
     plots: list[Plot] = Field(default_factory=list)
+    sweeps: dict[str, Sweep] = Field(default_factory=dict)
+    verdicts: dict[str, Verdict] = Field(default_factory=dict)
+    caption: str = Field("", description="printed under the table; ${...} reads seed and vars")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
-    @field_validator("stages", "models", "evals")
+    @field_validator("stages", "models", "evals", "sweeps")
     @classmethod
     def _identifiers(cls, value: dict) -> dict:
-        bad = [k for k in value if not NAME.match(str(k))]
-        if bad:
-            raise ValueError(f"names {bad} are not identifiers (letters, digits, _): expressions read them "
-                             f"as ${{stages.NAME.model}}")
-        return value
+        return identifiers(value, "names", "${stages.NAME.model}")
 
     @model_validator(mode="after")
     def _data_names(self):
@@ -162,60 +233,35 @@ def read(path: str | Path, overrides: list[str] = (), preset: str | None = None)
         if preset not in presets:
             raise StudyError([f"--preset {preset}: {path} has no such preset; it has: {sorted(presets)}"])
         raw = merge(raw, presets[preset])
+    problems = [p for p in (undeclared_var(raw, text) for text in overrides) if p]
+    if problems:
+        raise StudyError(problems)
     for text in overrides:
         set_dotted(raw, text)
     return validate(raw), raw
+
+
+def undeclared_var(raw: dict, text: str) -> str | None:
+    """Why an override of `vars.KEY...` names no var the study declares (a misspelt knob would
+    otherwise be a new var that nothing reads); None when it does, or is no vars override."""
+    key = text.split("=", 1)[0]
+    parts = key.split(".")
+    if parts[0] != "vars" or len(parts) < 2:
+        return None
+    node = raw.get("vars") or {}
+    for i, part in enumerate(parts[1:], 1):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[:i])
+            have = sorted(node) if isinstance(node, dict) else f"a value ({node!r})"
+            close = difflib.get_close_matches(part, list(node) if isinstance(node, dict) else [], n=1)
+            return (f"override {key}: the study declares no var {where}.{part}; {where} has: {have}"
+                    + (f"; did you mean {close[0]!r}?" if close else ""))
+        node = node[part]
+    return None
 
 
 def validate(raw: dict) -> Study:
     try:
         return Study.model_validate(raw)
     except ValidationError as err:
-        raise StudyError(describe(err)) from None
-
-
-def describe(err: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
-    """One line per fault, naming the key; an unknown key with the keys allowed there. (The job
-    config's launcher.config.describe does the same for job configs; safety_core never imports
-    the launcher, hence this one.)"""
-    problems = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            owner = _owner(loc, root or Study)
-            allowed = sorted(f.alias or n for n, f in owner.model_fields.items()) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"{key}: unknown key; allowed here: {allowed}{hint}")
-        elif e["type"] == "missing":
-            problems.append(f"{key}: required")
-        else:
-            got = repr(e.get("input"))
-            # a whole section as the input (a model validator's) would bury the message
-            problems.append(f"{key}: {e['msg']}" + (f" (got {got})" if len(got) <= 200 else ""))
-    return problems
-
-
-def _owner(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
-    """The schema class whose key is loc[-1] (a mapping of named entries skips the name)."""
-    current: type[BaseModel] | None = root
-    for part in loc[:-1]:
-        if current is None:
-            return None
-        field = current.model_fields.get(str(part))
-        if field is None:
-            continue  # the name of an entry in a mapping (stages.lora), or a list index
-        current = _section(field.annotation)
-    return current
-
-
-def _section(annotation) -> type[BaseModel] | None:
-    import typing
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _section(arg)
-        if found is not None:
-            return found
-    return None
+        raise StudyError(describe(err, Study)) from None

@@ -1,0 +1,150 @@
+"""A study's sweeps: a stage run again at every point of a grid (the lambda frontier: the attack
+for each anchor variant and lambda, the AsFT paper's Fig. 4a). Each point is a stage of its own,
+named SWEEP-VALUE-VALUE (frontier-safelora-10), so it is run, resumed, cached and tracked as any
+stage; after the seeds, its rows (the grid values and the point's numbers) are written as
+plots/FILE.csv and plots/FILE.png, per seed and as the means over seeds, with the pairs of
+points at matched task accuracy. May import the study's spec and expr modules and measure.plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from safebasin.safety_core.study import expr
+from safebasin.safety_core.study.spec import Stage, Study, Sweep, merge
+
+
+@dataclass(frozen=True)
+class Point:
+    sweep: str
+    values: dict  # grid key -> this point's value
+    stage: Stage
+
+
+def _label(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def expand(study: Study) -> dict[str, Point]:
+    """Every point of every enabled sweep, in grid order (the first key outermost)."""
+    points = {}
+    for name, sweep in study.sweeps.items():
+        template = study.stages.get(sweep.stage)
+        if not sweep.enabled or template is None:
+            continue
+        keys = list(sweep.grid)
+        for combo in itertools.product(*(sweep.grid[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            stage = Stage(command=template.command, config=merge(template.config, sweep.config))
+            points["-".join([name, *(_label(v) for v in combo)])] = Point(name, values, stage)
+    return points
+
+
+def problems(study: Study) -> list[str]:
+    """A sweep's stage, suites and grid references, checked whether or not it is enabled."""
+    found = []
+    for name, sweep in study.sweeps.items():
+        where = f"sweeps.{name}"
+        if sweep.stage not in study.stages:
+            found.append(f"{where}.stage: no stage named {sweep.stage!r}; stages: {list(study.stages)}")
+        for suite in sweep.evals:
+            if suite not in study.evals:
+                found.append(f"{where}.evals: no suite named {suite!r}; suites: {list(study.evals)}")
+
+        def visit(text: str, key: str) -> str:
+            for inner in expr.references(text):
+                try:
+                    chains = expr.names(expr.parse(inner))
+                except expr.ExprError:
+                    continue  # reported with the point's other references
+                for chain in chains:
+                    if chain[0] == "sweep" and (len(chain) != 2 or chain[1] not in sweep.grid):
+                        found.append(f"{where}.config.{key}: ${{{inner}}}: the grid has no such key; grid keys: "
+                                     f"{list(sweep.grid)}")
+            return text
+        expr.walk_strings(sweep.config, visit)
+        keys = list(sweep.grid) + list(sweep.columns.values())
+        for part, key in (("plot.curve", sweep.plot and sweep.plot.curve), ("plot.label", sweep.plot and sweep.plot.label),
+                          ("matched.key", sweep.matched and sweep.matched.key),
+                          ("matched.by", sweep.matched and sweep.matched.by)):
+            if key and key not in keys:
+                found.append(f"{where}.{part}: {key!r} is no grid key; grid keys: {list(sweep.grid)}")
+        for key in sweep.columns:
+            if key not in sweep.grid:
+                found.append(f"{where}.columns: {key!r} is no grid key; grid keys: {list(sweep.grid)}")
+    return found
+
+
+def rows(sweep: Sweep, points: dict[str, Point], numbers: dict[str, dict]) -> list[dict]:
+    """One row per point of the sweep that has numbers: its grid values (named by `columns`),
+    its metrics (`metrics`, or every one) and its stage name."""
+    out = []
+    for name, point in points.items():
+        if name not in numbers:
+            continue
+        metrics = numbers[name] if sweep.metrics is None else {m: numbers[name].get(m) for m in sweep.metrics}
+        out.append({**{sweep.columns.get(k, k): v for k, v in point.values.items()}, **metrics, "stage": name})
+    return out
+
+
+def mean_rows(sweep: Sweep, per_seed: list[list[dict]]) -> list[dict]:
+    """The rows of several seeds as one: each point's numbers averaged over the seeds that have it
+    (a seed without a number for it is left out of that mean)."""
+    grid = {sweep.columns.get(k, k) for k in sweep.grid} | {"stage"}
+    by_stage: dict[str, list[dict]] = {}
+    for seed_rows in per_seed:
+        for row in seed_rows:
+            by_stage.setdefault(row["stage"], []).append(row)
+    out = []
+    for rs in by_stage.values():
+        row = dict(rs[0])
+        for k in row:
+            if k not in grid:
+                values = [r[k] for r in rs if r.get(k) is not None]
+                row[k] = statistics.fmean(values) if values else None
+        out.append(row)
+    return out
+
+
+def write(sweep: Sweep, name: str, table: list[dict], out_dir: Path) -> dict[str, str]:
+    """FILE.csv (one row per point) and, with a plot, FILE.png (y against x, one curve per value of
+    the curve key, each point labelled with its label value)."""
+    from safebasin.safety_core.measure import plots
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = sweep.file or name
+    table_path = out_dir / f"{stem}.csv"
+    columns = list(dict.fromkeys(k for row in table for k in row if k != "stage")) + ["stage"]
+    with table_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in table:
+            writer.writerow(row)
+    files = {"csv": str(table_path)}
+    if sweep.plot is not None and table:
+        p = sweep.plot
+        curve, label = sweep.columns.get(p.curve, p.curve), sweep.columns.get(p.label, p.label)
+        curves = {}
+        for value in dict.fromkeys(r[curve] for r in table):
+            mine = sorted((r for r in table if r[curve] == value), key=lambda r: r[label])
+            curves[str(value)] = ([r[p.x] for r in mine], [r[p.y] for r in mine], [_label(r[label]) for r in mine])
+        files["png"] = str(plots.curves_plot(out_dir / f"{stem}.png", curves, xlabel=p.xlabel or p.x,
+                                             ylabel=p.ylabel or p.y, title=p.title))
+    return files
+
+
+def matched(sweep: Sweep, table: list[dict]) -> list[dict]:
+    """Every pair (method point, control point) whose `near` values lie within `within`, with the
+    gap (method - control) in `on` and in `compare`."""
+    m = sweep.matched
+    if m is None:
+        return []
+    key, by = sweep.columns.get(m.key, m.key), sweep.columns.get(m.by, m.by)
+    mine = [r for r in table if r[key] == m.method and r.get(m.near) is not None]
+    theirs = [r for r in table if r[key] == m.control and r.get(m.near) is not None]
+    return [{by: a[by], f"control_{by}": b[by], f"{m.near}_gap": a[m.near] - b[m.near],
+             f"{m.compare}_gap": a[m.compare] - b[m.compare]}
+            for a in mine for b in theirs if abs(a[m.near] - b[m.near]) <= m.within]
