@@ -247,18 +247,54 @@ def test_a_damaged_checkpoint_is_refused_and_the_previous_one_used_when_asked(tm
     assert _kept(out) == ("step6", ["step6", "step4"]) and (out / "results.json").is_file()
 
 
-def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, mlflow_uri):
+def _tmpfs_works(where: Path) -> bool:
+    """Whether a tmpfs can be mounted here without root: in a user and mount namespace of
+    its own (unshare -rm), where the kernel allows unprivileged user namespaces."""
+    where.mkdir()
+    try:
+        return subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                              capture_output=True).returncode == 0
+    except FileNotFoundError:  # no unshare on this system
+        return False
+
+
+def _train_on_small_tmpfs(tmp_path: Path, cfg: Path, out: Path, size_kib: int):
+    """`safebasin train` with output.dir on a tmpfs of size_kib, mounted in a mount namespace of
+    the job's own; what the job left there is copied out (the namespace ends with the job) and
+    returned as (exit code, stderr, the copy)."""
+    seen, log, code = tmp_path / "seen", tmp_path / "job.log", tmp_path / "job.rc"
+    out.mkdir()
+    script = ('mount -t tmpfs -o size="$1"k tmpfs "$2" || exit 99; "$3" -m safebasin.launcher.cli train "$4" 2> "$5"; '
+              'echo $? > "$6"; cp -a "$2" "$7"')
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(size_kib), str(out), sys.executable,
+                           str(cfg), str(log), str(code), str(seen)], cwd=tmp_path, timeout=500,
+                          stdout=subprocess.DEVNULL)
+    assert done.returncode == 0, log.read_text()[-3000:] if log.exists() else done
+    return int(code.read_text()), log.read_text(), seen
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "hook"])
+def test_a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(disk, tmp_path, tiny_model_dir, mlflow_uri):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", out=out, train={"max_steps": 6, "save_every": 2})
-    res = safebasin_cli("train", str(cfg), cwd=tmp_path,
-                        env={"SAFEBASIN_FAIL_IN_SAVE": "4", "SAFEBASIN_FAIL_MODE": "disk_full"})
-    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
-    assert f"rank 0: saving checkpoint step4 to {out / 'checkpoints'} failed: " in res.stderr, res.stderr[-3000:]
-    assert "MiB free there. `latest` still names step2, the last complete one" in res.stderr and "Traceback" not in res.stderr
+    if disk == "tmpfs":
+        if not _tmpfs_works(tmp_path / "probe"):
+            pytest.skip("no tmpfs without root here (unprivileged user namespaces are off): the hook case stands in")
+        # Room for one checkpoint (the model's weights in fp32, plus LoRA and a few small
+        # files), not for a second beside it: step2 is written, step4 runs out of space.
+        weights = sum(p.stat().st_size for p in Path(tiny_model_dir).glob("*.safetensors"))
+        code, stderr, kept_dir = _train_on_small_tmpfs(tmp_path, cfg, out, int(1.75 * weights) // 1024)
+    else:
+        res = safebasin_cli("train", str(cfg), cwd=tmp_path,
+                            env={"SAFEBASIN_FAIL_IN_SAVE": "4", "SAFEBASIN_FAIL_MODE": "disk_full"})
+        code, stderr, kept_dir = res.returncode, res.stderr, out
+    assert code == 2, stderr[-3000:]
+    assert f"rank 0: saving checkpoint step4 to {out / 'checkpoints'} failed: " in stderr, stderr[-3000:]
+    assert "MiB free there. `latest` still names step2, the last complete one" in stderr and "Traceback" not in stderr
     # Kept: step2 as `latest`, intact; the partial step4 unlisted; no temporary `latest` left.
-    assert _kept(out) == ("step2", ["step2"])
-    assert not list((out / "checkpoints").glob(".latest*"))
-    assert not (out / "checkpoints" / "step4" / integrity.MANIFEST).exists()
-    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4] and not (out / "results.json").exists()
+    assert _kept(kept_dir) == ("step2", ["step2"])
+    assert not list((kept_dir / "checkpoints").glob(".latest*"))
+    assert not (kept_dir / "checkpoints" / "step4" / integrity.MANIFEST).exists()
+    assert [r["step"] for r in _rows(kept_dir)] == [1, 2, 3, 4] and not (kept_dir / "results.json").exists()
     _, (run,) = _runs(mlflow_uri, "reliability")
     assert run.info.status == "FAILED"

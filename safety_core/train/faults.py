@@ -8,8 +8,9 @@ behaviour under a fault is the production code's own:
   node), so its peers wait in their next collective until the collective timeout.
 - SAFEBASIN_FAIL_IN_SAVE=N (with SAFEBASIN_FAIL_RANK=R): rank R's first checkpoint file of step
   N's save gets half its bytes, then with SAFEBASIN_FAIL_MODE=kill the rank SIGKILLs itself
-  (a rank killed mid-write), with SAFEBASIN_FAIL_MODE=disk_full the write fails with ENOSPC
-  (a full disk: a hook, because a small tmpfs needs root to mount).
+  (a rank killed mid-write), with SAFEBASIN_FAIL_MODE=disk_full the write fails as torch.save
+  fails on a full disk (the test also fills a real tmpfs where one can be mounted without root;
+  the hook covers machines where none can).
 """
 
 from __future__ import annotations
