@@ -135,6 +135,9 @@ def test_a_rank_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_ex
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", out=out, train={"max_steps": 6, "save_every": 2},
                        deepspeed={"stage": 2})
+    straight = safebasin_cli("train", str(cfg), "--nproc", "2", f"output.dir={tmp_path / 'straight'}", cwd=tmp_path,
+                             env=TWO_RANKS)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     fault = {**TWO_RANKS, "SAFEBASIN_FAIL_IN_SAVE": "4", "SAFEBASIN_FAIL_RANK": "1", "SAFEBASIN_FAIL_MODE": "kill"}
     res = safebasin_cli("train", str(cfg), "--nproc", "2", cwd=tmp_path, env=fault)
     assert res.returncode != 0 and "rank 1 killed while writing" in res.stdout + res.stderr, res.stderr[-3000:]
@@ -150,8 +153,11 @@ def test_a_rank_killed_while_saving_keeps_the_previous_checkpoint_and_resumes_ex
     after = _rows(out)
     assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
     # Exact: steps 3 and 4 again from step2's weights, optimizer state and data position give
-    # the same losses and gradient norms to the last bit.
+    # the same losses and gradient norms to the last bit, and so does the whole run against an
+    # uninterrupted one (the same two ranks reduce in the same order).
     assert [(r["loss"], r["grad_norm"]) for r in after[:4]] == [(r["loss"], r["grad_norm"]) for r in before]
+    assert [(r["loss"], r["grad_norm"]) for r in after] == [(r["loss"], r["grad_norm"])
+                                                            for r in _rows(tmp_path / "straight")]
     assert _kept(out) == ("step6", ["step6", "step4"])
 
 
