@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import torch
@@ -50,7 +51,12 @@ def explain_timeout(exc: BaseException, timeout) -> CollectiveTimeout | None:
     while cause is not None and cause not in seen:
         seen.append(cause)
         cause = cause.__cause__ or cause.__context__
-    if not any("timed out" in str(e).lower() for e in seen) or not is_distributed():
+    # gloo: "Timed out waiting 30000ms for recv"; NCCL: "collective operation timeout". Both come
+    # as RuntimeError (DistBackendError is one); a network TimeoutError elsewhere is an OSError.
+    said = re.compile(r"timed out|operation timeout", re.IGNORECASE)
+    if not any(isinstance(e, RuntimeError) and said.search(str(e)) for e in seen):
+        return None
+    if not is_distributed() or dist.get_world_size() == 1:
         return None
     rank, world = dist.get_rank(), dist.get_world_size()
     head = (f"rank {rank}: a collective waited past the collective timeout ({timeout.total_seconds():.0f} s: "

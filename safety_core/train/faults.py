@@ -54,8 +54,6 @@ class Faults:
             print(f"[safebasin] SAFEBASIN_FAIL_MODE=hang: rank {rank} stops after step {step}", flush=True)
             while True:
                 time.sleep(3600)
-        if self.fail_mode == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"SAFEBASIN_FAIL_AFTER_STEP={step}: injected failure on rank {rank}")
 
     def arm_save(self, engine, step: int, rank: int) -> None:
