@@ -194,8 +194,10 @@ def test_a_hung_rank_ends_the_job_at_the_timeout_naming_the_rank(tmp_path, tiny_
     assert "rank 1 on " in text and "(last entered step 3) stopped answering while rank 0 waited in step 4" in text, \
         text[-4000:]
     assert "collective timeout (30 s: deepspeed.timeout_minutes" in text
-    # Kept: step2, the checkpoint before the hang; no results.
+    # Kept: step2, the checkpoint before the hang; no results; the run FAILED.
     assert _kept(out) == ("step2", ["step2"]) and not (out / "results.json").exists()
+    _, (run,) = _runs(mlflow_uri, "reliability")
+    assert run.info.status == "FAILED"
 
 
 def _alive(pgid: int) -> bool:
