@@ -100,9 +100,17 @@ def run_rank_command(command: str, cfg: JobConfig, resume: bool = False) -> dict
     """Every rank command starts here, on every rank (and in-process for one rank): cuda:LOCAL_RANK
     becomes the process's current device before the command loads a model or joins a collective,
     so nothing that takes "cuda" without an index (NCCL, judges, DeepSpeed) lands on GPU 0."""
-    from safebasin.safety_core.distributed import rank_device
+    from safebasin.safety_core.distributed import collective_timeout, explain_timeout, rank_device
     rank_device()
-    return RANK_COMMANDS[command](cfg, resume)
+    try:
+        return RANK_COMMANDS[command](cfg, resume)
+    except Exception as e:
+        # A peer that hangs shows here as a library's "Timed out waiting ...ms": said in words,
+        # with the rank that stopped answering.
+        hung = explain_timeout(e, collective_timeout(cfg.deepspeed.timeout_minutes))
+        if hung is None:
+            raise
+        raise hung from e
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from safebasin.launcher.config import ConfigError, JobConfig, dump, load_config
 from safebasin.launcher.topology import add_launch_args, describe, resolve
+from safebasin.safety_core.train import integrity
 from safebasin.safety_core.train.checkpoints import convert_if_needed, resume_accumulation
 
 
@@ -23,6 +24,9 @@ def add_job_args(p: argparse.ArgumentParser, resumable: bool = False) -> None:
     if resumable:
         again.add_argument("--resume", action="store_true", help="continue from the newest checkpoint "
                            "(the plan keys must be unchanged: see docs/train.md)")
+        again.add_argument("--resume-from", metavar="TAG", default=None,
+                           help="continue from the checkpoint TAG (stepN), e.g. when the newest is damaged; "
+                           "newer checkpoints are moved aside to checkpoints/set-aside (nothing is deleted)")
     again.add_argument("--overwrite", action="store_true", help="output.dir holds a previous job's results: "
                        "move them aside to OUTPUT.replaced-TIME and start over (nothing is deleted)")
 
@@ -65,7 +69,8 @@ def run_job(command: str, cfg: JobConfig, args) -> dict:
     printed by node 0, whose disk holds it when OUTPUT is not shared). Every input is checked
     here first (preflight), so a bad one fails in one line before any rank starts."""
     from safebasin.launcher.preflight import check_inputs
-    resume = getattr(args, "resume", False)
+    resume_from = getattr(args, "resume_from", None)
+    resume = getattr(args, "resume", False) or resume_from is not None
     topo = resolve(args)
     check_inputs(cfg, command)
     finished = Path(cfg.output.dir) / "results.json"
@@ -76,6 +81,15 @@ def run_job(command: str, cfg: JobConfig, args) -> dict:
         print(f"safebasin {command}: output.dir {cfg.output.dir} holds a finished run (results.json): nothing "
               f"to resume; every output is left as it was")
         return json.loads(finished.read_text())
+    if resume and topo.node_rank == 0:
+        # Before anything reads the checkpoint (the plan checks read its states): a damaged one
+        # is refused naming its files, or set aside for the one asked for.
+        ckpt_root = Path(cfg.output.dir) / "checkpoints"
+        if resume_from is not None:
+            for tag in integrity.roll_back(ckpt_root, resume_from):
+                print(f"safebasin {command}: --resume-from {resume_from}: {tag} moved aside to "
+                      f"{ckpt_root / integrity.SET_ASIDE}", flush=True)
+        integrity.check_latest(ckpt_root)
     resolved = prepare_output(cfg, resume, getattr(args, "overwrite", False), topo)
     if resume and topo.node_rank == 0:
         # Before any rank starts: other nodes' ranks wait in the rendezvous meanwhile.

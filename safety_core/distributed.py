@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import torch
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from safebasin.safety_core.progress import track
 
 
-def collective_timeout(timeout_minutes: int):
+def collective_timeout(timeout_minutes: float):
     """How long a rank waits in a collective (or the rendezvous) before failing: a dead or hung
     peer then ends the job instead of hanging it. SAFEBASIN_COLLECTIVE_TIMEOUT_S overrides the
     config in seconds, for tests and for jobs that want failures detected within seconds."""
@@ -24,7 +25,67 @@ def collective_timeout(timeout_minutes: int):
     return datetime.timedelta(minutes=timeout_minutes)
 
 
-def init_distributed(timeout_minutes: int) -> tuple[int, int]:
+class CollectiveTimeout(RuntimeError):
+    """A collective waited past the collective timeout: a peer hung or vanished."""
+
+
+_PROGRESS = "safebasin/progress/"
+
+
+def report_progress(step: int) -> None:
+    """Record the step this rank entered in the rendezvous store, which every rank reaches (it is
+    served by rank 0's process, on a thread of its own): when a collective times out, the rank
+    that notices names the ranks that are behind (explain_timeout). One small TCP write a step."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return
+    import socket
+    from torch.distributed.distributed_c10d import _get_default_store
+    _get_default_store().set(f"{_PROGRESS}{dist.get_rank()}", f"{step} {socket.gethostname()}")
+
+
+def explain_timeout(exc: BaseException, timeout) -> CollectiveTimeout | None:
+    """The error to end a rank with when `exc` (or what caused it) is a collective timeout:
+    it names the ranks whose last reported step is behind this rank's, and the timeout's keys.
+    None for any other error."""
+    seen, cause = [], exc
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    # gloo: "Timed out waiting 30000ms for recv"; NCCL: "collective operation timeout". Both come
+    # as RuntimeError (DistBackendError is one); a network TimeoutError elsewhere is an OSError.
+    said = re.compile(r"timed out|operation timeout", re.IGNORECASE)
+    if not any(isinstance(e, RuntimeError) and said.search(str(e)) for e in seen):
+        return None
+    if not is_distributed() or dist.get_world_size() == 1:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    head = (f"rank {rank}: a collective waited past the collective timeout ({timeout.total_seconds():.0f} s: "
+            f"deepspeed.timeout_minutes, or SAFEBASIN_COLLECTIVE_TIMEOUT_S in seconds), so the job ends")
+    return CollectiveTimeout(f"{head}; {_who_is_behind(rank, world)}")
+
+
+def _who_is_behind(rank: int, world: int) -> str:
+    import datetime
+    from torch.distributed.distributed_c10d import _get_default_store
+    store = _get_default_store()
+    store.set_timeout(datetime.timedelta(seconds=10))  # the store answers at once, or its host is gone
+    try:
+        steps = {r: store.get(f"{_PROGRESS}{r}").decode().split(" ", 1) if store.check([f"{_PROGRESS}{r}"])
+                 else None for r in range(world)}
+    except RuntimeError as e:  # the store lives in rank 0's process: gone when rank 0 is
+        return f"the ranks' progress could not be read from the rendezvous store (rank 0's process): {e}"
+    mine = int(steps[rank][0]) if steps[rank] else 0
+    silent = [f"rank {r} (no step reported)" for r, s in steps.items() if s is None]
+    behind = [f"rank {r} on {s[1]} (last entered step {s[0]})" for r, s in steps.items()
+              if s is not None and int(s[0]) < mine]
+    if silent or behind:
+        return (f"{', '.join(silent + behind)} stopped answering while rank {rank} waited in step {mine}: look "
+                f"at that rank's output and host (a hang, a deadlock, or a dead node)")
+    return (f"every rank entered step {mine}: one of them hangs inside it (the ranks' output shows which "
+            f"one did not finish its collective)")
+
+
+def init_distributed(timeout_minutes: float) -> tuple[int, int]:
     import deepspeed
     from torch.distributed import distributed_c10d
     if not dist.is_initialized():

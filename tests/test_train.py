@@ -79,7 +79,10 @@ def test_zero3_lora_one_vs_two_ranks_and_one_mlflow_run(tmp_path, tiny_model_dir
 def test_zero3_full_parameter_two_ranks_trains(tmp_path, tiny_model_dir, mlflow_uri):
     cfg = write_config(tmp_path, method={"type": "full"}, deepspeed={"stage": 3},
                        train={"lr": 5e-4, "gradient_accumulation_steps": 1})
-    run(tmp_path, cfg, f"output.dir={tmp_path / 'full'}", "--nproc", "2")
+    res = run(tmp_path, cfg, f"output.dir={tmp_path / 'full'}", "--nproc", "2")
+    # The ranks' output, shown with pytest -rP: benchmarks/teardown_loop.sh scans passing runs
+    # for teardown errors too.
+    print(res.stdout, res.stderr)
     trace = losses(tmp_path / "full")
     assert trace[-1] < trace[0] - 0.1
     from transformers import AutoModelForCausalLM

@@ -20,7 +20,8 @@ class DeepSpeedArgs(Section):
     config: str | None = Field(None, description="a DeepSpeed JSON file, or a bundled name: "
                                + ", ".join(BUNDLED))
     offload: bool = Field(False, description="with `stage`: the CPU-offload variant (stage 2 or 3)")
-    timeout_minutes: int = Field(30, ge=1, description="collective timeout: a dead rank ends the job")
+    timeout_minutes: float = Field(30, gt=0, description="collective timeout in minutes (0.5 = 30 s): a dead or "
+                                   "hung rank ends the job, the rank that notices naming it")
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -25,15 +25,23 @@ import torch
 import torch.distributed as dist
 from pydantic import Field, model_validator
 from safebasin.safety_core.args import Section
-from safebasin.safety_core.distributed import all_reduce_sum, chunks, init_distributed
+from safebasin.safety_core.distributed import (
+    all_gather_object,
+    all_reduce_sum,
+    chunks,
+    init_distributed,
+    report_progress,
+)
 from safebasin.safety_core.nll import sharded_mean_nll
 from safebasin.safety_core.progress import Progress
 from safebasin.safety_core.runtime import warn_slow_precision
 from safebasin.safety_core.train import checkpoints
 from safebasin.safety_core.train import data as data_lib
+from safebasin.safety_core.train import integrity
 from safebasin.safety_core.train import packing as packing_lib
 from safebasin.safety_core.train.data import DataArgs, StepSampler
 from safebasin.safety_core.train.ds_config import DeepSpeedArgs, fill_auto, zero_stage
+from safebasin.safety_core.train.faults import Faults
 from safebasin.safety_core.train.mixture import training_set_with_report
 from safebasin.safety_core.train.modeling import (
     MethodArgs,
@@ -275,11 +283,7 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
 
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
 
-    # Fault injection for resume and failure tests: this rank crashes (or, with
-    # SAFEBASIN_FAIL_MODE=hang, stops answering) after the given step.
-    fail_after = int(os.environ.get("SAFEBASIN_FAIL_AFTER_STEP", "0"))
-    fail_rank = int(os.environ.get("SAFEBASIN_FAIL_RANK", "0"))
-    nan_at = int(os.environ.get("SAFEBASIN_NAN_AT_STEP", "0"))  # this step's loss becomes NaN (fault tests)
+    faults = Faults.from_env()  # the fault tests' injections; none in a normal job
     progress = Progress(total_steps, "train", initial=start_step, disable=not is_rank0, unit="step",
                         every=train_args.log_every or max(1, total_steps // 10))
     last = {}
@@ -287,6 +291,7 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     # everything the loop does per step (logging, progress, checkpoints), not only compute.
     step_end = time.perf_counter()
     for step in range(start_step, total_steps):
+        report_progress(step + 1)  # a collective timeout names the ranks behind this step
         engine.train()
         # Dropout and other randomness depend on (seed, step, rank) only: resumes replay exactly.
         torch.manual_seed(train_args.seed * 1_000_003 + step * 4099 + rank)
@@ -297,7 +302,7 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
                                          data_args.max_length)
             # No KV cache in training: with one, transformers skips the packed-sequence mask.
             loss = engine(**{k: v.to(device) for k, v in mb.inputs.items()}, use_cache=False).loss
-            if nan_at == step + 1:
+            if faults.nan_at_step == step + 1:
                 loss = loss * float("nan")
             losses.append(loss.item())
             tokens += mb.real_tokens
@@ -345,14 +350,13 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
                                 + (f"the last good checkpoint is {kept} (--resume continues from it)"
                                    if kept else "no checkpoint was saved before it"))
         if train_args.save_every and (step + 1) % train_args.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(engine, out_dir, step + 1, checkpoint_state(), train_args.keep_checkpoints, is_rank0)
+            save_checkpoint(engine, out_dir, step + 1, checkpoint_state(), train_args.keep_checkpoints, faults)
         stops = [msg for hook in step_hooks if (msg := hook.stop(row, out_dir / "checkpoints"))]
         if stops:
-            save_checkpoint(engine, out_dir, step + 1, checkpoint_state(), train_args.keep_checkpoints, is_rank0)
+            save_checkpoint(engine, out_dir, step + 1, checkpoint_state(), train_args.keep_checkpoints, faults)
             progress.close()
             raise TrainingStopped("; ".join(stops))
-        if fail_after == step + 1 and rank == fail_rank:
-            _inject_failure(fail_after, rank)
+        faults.after_step(step + 1, rank)
     progress.close()
 
     final = {**last, "examples_dropped": dropped}
@@ -363,7 +367,7 @@ def train(model_args: ModelArgs, method: MethodArgs, data_args: DataArgs, train_
     final_dir = out_dir / ("adapter" if method.type == "lora" else "model")
     export(engine.module, tokenizer, final_dir, zero3=stage == 3, is_rank0=is_rank0)
     if train_args.save_every:
-        save_checkpoint(engine, out_dir, total_steps, checkpoint_state(), train_args.keep_checkpoints, is_rank0)
+        save_checkpoint(engine, out_dir, total_steps, checkpoint_state(), train_args.keep_checkpoints, faults)
     del hf_ds
     return TrainResult(out_dir=out_dir, final_dir=final_dir, steps=total_steps, metrics=final,
                        model=engine.module)
@@ -409,26 +413,45 @@ def evaluate_loss(engine, examples, batch_to, batch_size: int) -> float:
     return loss
 
 
-def save_checkpoint(engine, out_dir: Path, step: int, client_state: dict, keep: int, is_rank0: bool) -> None:
+def save_checkpoint(engine, out_dir: Path, step: int, client_state: dict, keep: int,
+                    faults: Faults = Faults()) -> None:
     ckpt = out_dir / "checkpoints"
-    # The world size tells a resume whether the ZeRO shards must go through the universal format.
+    rank = dist.get_rank()
     # DeepSpeed's own `latest` is written by rank 0 once rank 0's files are done, while other
     # ranks may still be writing their shards: a crash then would leave it naming an incomplete
     # checkpoint. So `latest` is written here, after the barrier that ends save_checkpoint (every
-    # shard is written by then), and atomically; a crash mid-save keeps the previous checkpoint.
+    # shard is written by then) and after the manifest of every file's size and hash, and
+    # atomically: a rank killed or a disk full mid-save keeps the previous checkpoint `latest`.
     tag = f"step{step}"
-    # The samples consumed and the global batch let a resume on another world size keep the
+    # The world size tells a resume whether the ZeRO shards must go through the universal format;
+    # the samples consumed and the global batch let a resume on another world size keep the
     # data order and the schedule (checkpoints.resume_accumulation).
     batch = engine.train_batch_size()
-    engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False, client_state={
-        "safebasin": {**client_state, "step": step, "world_size": dist.get_world_size(),
-                      "global_batch": batch, "consumed_samples": step * batch}})
-    if is_rank0:
-        tmp = ckpt / f".latest.{os.getpid()}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt / "latest")
+    faults.arm_save(engine, step, rank)
+    try:
+        engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False, client_state={
+            "safebasin": {**client_state, "step": step, "world_size": dist.get_world_size(),
+                          "global_batch": batch, "consumed_samples": step * batch}})
+        digests = all_gather_object(integrity.rank_digests(ckpt / tag, rank))
+        if rank == 0:
+            integrity.write_manifest(ckpt / tag, {name: d for part in digests for name, d in part.items()})
+            tmp = ckpt / f".latest.{os.getpid()}.tmp"
+            try:
+                tmp.write_text(tag)
+                os.replace(tmp, ckpt / "latest")
+            finally:
+                tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a full disk as a RuntimeError naming no cause ("unexpected pos ..."
+        # or "file write failed"): the free space is what tells the reader.
+        free = shutil.disk_usage(ckpt).free
+        raise checkpoints.CheckpointError(
+            f"rank {rank}: saving checkpoint {tag} to {ckpt} failed: {type(e).__name__}: {e}; "
+            f"{free / 2**20:.1f} MiB free there. "
+            f"`latest` still names {checkpoints.latest_tag(ckpt) or 'no checkpoint'}, the last complete one; "
+            f"the partial {tag} is never loaded. Free space (or move output.dir), then --resume") from e
     dist.barrier()
-    if is_rank0:
+    if rank == 0:
         tags = sorted((p for p in ckpt.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -436,16 +459,6 @@ def save_checkpoint(engine, out_dir: Path, step: int, client_state: dict, keep: 
         for old in ckpt.glob(checkpoints.UNIVERSAL_PREFIX + "*"):
             shutil.rmtree(old, ignore_errors=True)
         (ckpt / "latest_universal").unlink(missing_ok=True)
-
-
-def _inject_failure(step: int, rank: int) -> None:
-    if os.environ.get("SAFEBASIN_FAIL_MODE") == "hang":
-        # A hung node: the process stays, its connections stay open, and its peers see no error
-        # until the collective timeout. A signal from its launcher still ends it.
-        print(f"[safebasin] SAFEBASIN_FAIL_MODE=hang: rank {rank} stops after step {step}", flush=True)
-        while True:
-            time.sleep(3600)
-    raise RuntimeError(f"SAFEBASIN_FAIL_AFTER_STEP={step}: injected failure on rank {rank}")
 
 
 def _check_same_start(step: int, device) -> None:
