@@ -107,31 +107,51 @@ def _terms(c: torch.Tensor, like: torch.Tensor, region: str) -> tuple[float, tor
     return 1.0, c * c - 2 * c
 
 
+def _from_moments(T: torch.Tensor, sq: torch.Tensor, c: torch.Tensor, region: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """From T = U^T DeltaW over all k columns of U (orthonormal) and sq = ||DeltaW||^2: (the
+    penalty over U's first c.numel() columns in `region`, the energy outside span(U)
+    ||(I - U U^T) DeltaW||^2, and the penalty's (s, w), which its gradient takes). The one place the full form's value is
+    formed, for whole weights and for ZeRO-3 fragments alike."""
+    kc = c.numel()
+    row_sq = T.pow(2).sum(dim=1)
+    s, weight = _terms(c, T, region)
+    return s * sq + (weight * row_sq[:kc]).sum(), sq - row_sq.sum(), s, weight
+
+
 class _FullPenalty(torch.autograd.Function):
+    """(penalty, outside energy, ||DeltaW||^2) from one pass over W, W0 and U; only the penalty
+    is differentiable. Its gradient needs U^T DeltaW complete (a sum over every row) before any
+    of its elements, so the backward reads W, W0 and U once more and writes dW: two passes
+    per step are the least an exact gradient can take (benchmarks/RESULTS.md, roofline)."""
+
     @staticmethod
     def forward(ctx, W, W0, U, c, ops, region):
         w, w0 = W.reshape(-1), W0.reshape(-1)  # row-major; copies only a non-contiguous W
         T, sq = ops.fragment_moments(w, w0, 0, tuple(W.shape), U)
-        s, weight = _terms(c, T, region)
-        ctx.save_for_backward(w, w0, U, weight, T)
+        penalty, outside, s, weight = _from_moments(T, sq, c, region)
+        kc = c.numel()
+        ctx.save_for_backward(w, w0, U[:, :kc], weight, T[:kc])
         ctx.ops, ctx.shape, ctx.w_dtype, ctx.s = ops, tuple(W.shape), W.dtype, s
-        return s * sq + (weight * T.pow(2).sum(dim=1)).sum()
+        ctx.mark_non_differentiable(outside, sq)
+        return penalty, outside, sq
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _outside, _sq):
         w, w0, U, weight, T = ctx.saved_tensors
         # dP/dW = 2 (s D + U (w * T)) = 2 (s D - U M) with M = -(w * T).
         dW = ctx.ops.fragment_grad(w, w0, 0, ctx.shape, U, -weight[:, None] * T, 2 * grad_out, ctx.s)
         return dW.view(ctx.shape).to(ctx.w_dtype), None, None, None, None, None
 
 
-def _check(U: torch.Tensor, c: torch.Tensor, d_out: int, region: str = "outside") -> None:
+def _check(U: torch.Tensor, c: torch.Tensor, d_out: int, region: str = "outside", prefix: bool = False) -> None:
+    """prefix: c weights the first c.numel() columns of U (the rest serve the outside metric)."""
     if region not in REGIONS:
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
     if U.dim() != 2 or U.shape[0] != d_out:
         raise ValueError(f"U must be d_out x k with d_out = {d_out}, got {tuple(U.shape)}")
-    if c.dim() != 1 or c.shape[0] != U.shape[1]:
-        raise ValueError(f"c must hold k = {U.shape[1]} values, got {tuple(c.shape)}")
+    if c.dim() != 1 or not (c.shape[0] <= U.shape[1] if prefix else c.shape[0] == U.shape[1]):
+        raise ValueError(f"c must hold {'at most ' if prefix else ''}k = {U.shape[1]} values, got {tuple(c.shape)}")
 
 
 def _check_lora(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str) -> None:
@@ -140,10 +160,11 @@ def _check_lora(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tens
     _check(U, c, B.shape[0], region)
 
 
-def _check_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str) -> None:
+def _check_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str,
+                prefix: bool = False) -> None:
     if W.shape != W0.shape or W.dim() != 2:
         raise ValueError(f"W and W0 must be equal 2-D shapes, got {tuple(W.shape)}, {tuple(W0.shape)}")
-    _check(U, c, W.shape[0], region)
+    _check(U, c, W.shape[0], region, prefix)
 
 
 def _lora(B, A, U, c, ops, region):
@@ -167,6 +188,16 @@ def anchor_penalty_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: t
     """||(I - U diag(c) U^T)(W - W0)||_F^2 (or ||U diag(c) U^T (W - W0)||_F^2 inside),
     differentiable in W."""
     _check_full(W, W0, U, c, region)
+    return _FullPenalty.apply(W, W0, U, c, _pieces(W, W0, U, c), region)[0]
+
+
+def anchor_penalty_full_metrics(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor,
+                                region: str = "outside") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the penalty of anchor_penalty_full over U's first c.numel() columns, differentiable in W;
+    the update's energy outside span(U) over all of U's columns; ||W - W0||^2), all three from
+    one pass over W, W0 and U (U orthonormal for the second). What a trainer logs beside the
+    penalty costs no second read of the weights."""
+    _check_full(W, W0, U, c, region, prefix=True)
     return _FullPenalty.apply(W, W0, U, c, _pieces(W, W0, U, c), region)
 
 
@@ -181,7 +212,7 @@ def anchor_penalty_full_reference(W: torch.Tensor, W0: torch.Tensor, U: torch.Te
                                   region: str = "outside") -> torch.Tensor:
     """anchor_penalty_full on the PyTorch reference whatever the backend setting."""
     _check_full(W, W0, U, c, region)
-    return _FullPenalty.apply(W, W0, U, c, torch_anchor, region)
+    return _FullPenalty.apply(W, W0, U, c, torch_anchor, region)[0]
 
 
 def sharded_partials(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int],
@@ -219,10 +250,7 @@ def sharded_penalty_from(reduced: torch.Tensor, w: torch.Tensor, w0: torch.Tenso
     _check(penalty_U, c, d_out, region)
     T = reduced[:-1].view(U.shape[1], d_in)
     sq = reduced[-1]
-    row_sq = T.pow(2).sum(dim=1)
-    s, weight = _terms(c, T, region)
-    penalty = s * sq + (weight * row_sq[:kc]).sum()
-    outside = sq - row_sq.sum()
+    penalty, outside, s, weight = _from_moments(T, sq, c, region)
     w, w0 = w.reshape(-1), w0.reshape(-1)
     if not w.numel():
         return penalty, outside, sq, torch.zeros(0, dtype=reduced.dtype, device=w.device)

@@ -129,6 +129,40 @@ def test_full_reference_matches_dense(shape, variant, torch_backend):
     torch.testing.assert_close(dW_t, want_dW, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_full_metrics_come_from_one_pass(variant, torch_backend, monkeypatch):
+    """anchor_penalty_full_metrics: the penalty over U's first c.numel() columns (value and
+    gradient as anchor_penalty_full), the energy outside span(U) over all of U's columns and
+    ||DeltaW||^2, with W, W0 and U read by one moments pass forward and one gradient pass."""
+    from safebasin.kernels import anchor_penalty_full_metrics, torch_anchor
+    W, W0, U, c = full_inputs(24, 41, 9, "safelora" if variant == "l2" else variant)
+    if variant == "l2":  # the control: no penalty columns, but a basis for the outside share
+        c = c[:0]
+    kc = c.numel()
+    region = region_of(variant)
+    calls = {"fragment_moments": 0, "fragment_grad": 0}
+    for name in calls:
+        real = getattr(torch_anchor, name)
+
+        def counted(*args, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*args, **kw)
+        monkeypatch.setattr(torch_anchor, name, counted)
+    w = W.clone().requires_grad_(True)
+    penalty, outside, energy = anchor_penalty_full_metrics(w, W0, U, c, region)
+    (dW,) = torch.autograd.grad(penalty, w)
+    assert calls == {"fragment_moments": 1, "fragment_grad": 1}
+    want, (want_dW,) = dense_penalty_and_grads(lambda W: W - W0, (W,), U[:, :kc], c, region)
+    D = W - W0
+    torch.testing.assert_close(penalty.detach(), want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(dW, want_dW, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(outside, (D - U @ (U.T @ D)).pow(2).sum(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(energy, D.pow(2).sum(), rtol=1e-12, atol=0)
+    assert not (outside.requires_grad or energy.requires_grad)
+    with pytest.raises(ValueError, match="at most k = 9"):
+        anchor_penalty_full_metrics(w, W0, U, torch.ones(10, dtype=U.dtype))
+
+
 def test_fp32_and_bf16_inputs_accumulate_in_fp32(torch_backend):
     B, A, U, c = lora_inputs(37, 29, 5, 8, "safelora")
     want = anchor_penalty(B, A, U, c)
@@ -291,6 +325,13 @@ class TestInterpreted:
         energy_tol = 1e-6 * (W.double() - W0.double()).pow(2).sum().item()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=energy_tol)
         torch.testing.assert_close(dW, want_dW, rtol=rtol, atol=rtol * want_dW.abs().max().item())
+        from safebasin.kernels import anchor_penalty_full_metrics
+        got_m = anchor_penalty_full_metrics(W, W0, U, c[:c.numel() // 2], region)
+        with monkeypatch.context() as patch:
+            patch.setenv(backend.ENV, "torch")
+            want_m = anchor_penalty_full_metrics(W, W0, U, c[:c.numel() // 2], region)
+        for g, w in zip(got_m, want_m):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=energy_tol)
         for lo, hi in ((0, 700), (700, W.numel())):  # fragments meeting mid-row
             args = (W.flatten()[lo:hi], W0.flatten()[lo:hi], lo, (45, 37), U, c)
             got_p, got_g = anchor_penalty_sharded(*args, region=region)

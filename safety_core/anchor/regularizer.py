@@ -246,7 +246,7 @@ class AnchorRegularizer:
 
     def _autograd_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(penalty with its graph, outside energy, update energy), summed over layers."""
-        from safebasin.kernels import anchor_penalty, anchor_penalty_full
+        from safebasin.kernels import anchor_penalty, anchor_penalty_full_metrics
         total, outside, energy = 0.0, 0.0, 0.0
         for layer in self.layers:
             if isinstance(layer, _LoraLayer):
@@ -257,11 +257,9 @@ class AnchorRegularizer:
                     out = p.detach() if self.projector else anchor_penalty(B, A, layer.U, self._ones(layer))
                     e = ((B.T @ B) * (A @ A.T)).sum()
             else:
-                W, W0 = fp32_value(layer.W), layer.W0
-                p = anchor_penalty_full(W, W0, layer.penalty_U, layer.c, self.region)
-                with torch.no_grad():
-                    out = p.detach() if self.projector else anchor_penalty_full(W, W0, layer.U, self._ones(layer))
-                    e = (W - W0).pow(2).sum()
+                # Penalty, outside share and energy from one read of W, W0 and U.
+                p, out, e = anchor_penalty_full_metrics(fp32_value(layer.W), layer.W0, layer.U, layer.c,
+                                                        self.region)
             # Tensors summed, not floats: no device sync per layer on the forward path.
             total, outside, energy = total + p, outside + out, energy + e
         return total, outside, energy
