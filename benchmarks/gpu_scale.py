@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 PEAK = BENCH / "scale_sides" / "peak.py"
 SIDES = BENCH / "trainer_sides"
-SECTIONS = ("lora", "full", "restore", "eval", "kernel")
+# In the order they run: the kernel first (seconds), then what the later sections build on.
+SECTIONS = ("kernel", "lora", "full", "restore", "eval")
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment: the MFU denominator.
 PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12)]
 
@@ -186,8 +187,10 @@ def write_random_basis(out: Path, cfg: dict, modules: list[str], k: int | None, 
 # -- running sides -----------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, out: Path, scale: Scale, smoke: bool):
+    def __init__(self, out: Path, scale: Scale, smoke: bool, budget: float | None = None):
         self.out, self.scale, self.smoke = out, scale, smoke
+        # No contender starts past the budget, and none runs past it (a caller's time limit).
+        self.deadline = None if budget is None else time.perf_counter() + budget
         self.results: dict[str, list[dict]] = {}
         self.notes: list[str] = []
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -205,18 +208,27 @@ class Bench:
         results[name] and returned ({"exit", "wall", peaks...})."""
         d = self.out / f"{name}.{len(self.results.get(name, [])) + 1}"
         d.mkdir(parents=True, exist_ok=True)
+        timeout = self.scale.timeout
+        if self.deadline is not None:
+            timeout = min(timeout, int(self.deadline - time.perf_counter()))
+            if timeout < 30:
+                rec = {"exit": None, "wall": 0.0, "dir": str(d), "error": "not run: the time budget is spent"}
+                self.results.setdefault(name, []).append(rec)
+                self.save()
+                print(f"  {name}: not run (budget spent)", flush=True)
+                return rec
         cmd = [sys.executable, str(PEAK), str(d / "peak.json"), kind, target, *[a.replace("{dir}", str(d)) for a in args]]
         t0 = time.perf_counter()
         with (d / "log.txt").open("w") as log:
             try:
                 code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=d,
-                                       timeout=self.scale.timeout)
+                                       timeout=timeout)
             except subprocess.TimeoutExpired:
                 code = 124
         rec = {"exit": code, "wall": time.perf_counter() - t0, "dir": str(d)}
         if (d / "peak.json").exists():
             rec.update({k: v for k, v in json.loads((d / "peak.json").read_text()).items() if k != "exit"})
-        if code != 0:
+        if code != 0:  # a timed-out side was killed by subprocess.call (it starts no processes of its own)
             tail = (d / "log.txt").read_text(errors="replace")[-2000:]
             rec["error"] = "out of memory" if "out of memory" in tail.lower() else tail.strip().splitlines()[-1:]
         self.results.setdefault(name, []).append(rec)
@@ -374,6 +386,8 @@ def section_restore(b: Bench, reps: int) -> None:
            "deepspeed": {"stage": 2}}
     for _ in range(reps):
         rec = b.safebasin("restore_lora", "restore", cfg)
+        if rec["exit"] is None:
+            continue
         log = (Path(rec["dir"]) / "log.txt").read_text(errors="replace")
         m = re.search(r"curvature history: .*= ([\d.]+) GiB per rank", log)
         rec["history_printed_gib"] = float(m[1]) if m else None
@@ -404,13 +418,20 @@ def section_eval(b: Bench, reps: int) -> None:
                 b.save()
 
 
+# Tile settings of the two Triton passes tried on the GPU, (block_m, block_n, programs of the
+# moments pass); the first is the kernels' default. The device run picks; the code keeps one.
+TILES = [(32, 64, 512), (64, 64, 1024), (32, 128, 1024), (64, 128, 2048), (128, 64, 2048)]
+
+
 def section_kernel(b: Bench, reps: int) -> None:
-    """The full-form penalty, forward + backward, on fp32 masters (as the trainer holds them),
-    against a plain read of the same bytes (the practical roofline), in this process."""
+    """The full-form penalty step (value and metrics pass, gradient pass) on fp32 masters, as the
+    trainer holds them, against a plain read of the same number of bytes (the practical
+    roofline), in this process: the public function (autograd, the default tiles), the PyTorch
+    reference and, on a GPU, the two Triton passes alone at each of TILES."""
     import torch
     sys.path.insert(0, str(BENCH))
-    from safebasin.kernels import anchor_penalty_full
-    from timing import interleaved, timed
+    from safebasin.kernels import anchor_penalty_full_metrics
+    from timing import interleaved, timed, with_backend
     device = torch.device("cpu" if b.smoke else "cuda")
     rows = []
     for d_out, d_in in b.scale.kernel_shapes:
@@ -424,11 +445,24 @@ def section_kernel(b: Bench, reps: int) -> None:
 
         def step():
             W.grad = None
-            anchor_penalty_full(W, W0, U, c).backward()
-        best = interleaved({"penalty": timed(step, device), "read": timed(lambda: stream.sum(), device)},
-                           max(3, 5 * reps))
-        rows.append({"shape": [d_out, d_in], "k": b.scale.k, "bytes": nbytes, "seconds": best["penalty"],
-                     "stream_seconds": best["read"], "share_of_stream": best["read"] / best["penalty"]})
+            anchor_penalty_full_metrics(W, W0, U, c)[0].backward()
+        runs = {"penalty": timed(step, device), "read": timed(lambda: stream.sum(), device)}
+        if device.type == "cuda":
+            from safebasin.kernels import triton_anchor as tri
+            w, w0 = W.detach().reshape(-1), W0.reshape(-1)
+            M, scale = torch.randn(b.scale.k, d_in, device=device), torch.tensor(2.0, device=device)
+            runs["torch reference"] = timed(with_backend("torch", step), device)
+            for bm, bn, progs in TILES:
+                def passes(bm=bm, bn=bn, progs=progs):
+                    tri.fragment_moments(w, w0, 0, (d_out, d_in), U, block_m=bm, block_n=bn, programs=progs)
+                    tri.fragment_grad(w, w0, 0, (d_out, d_in), U, M, scale, 1.0, block_m=bm, block_n=bn)
+                runs[f"triton passes {bm}x{bn}/{progs}"] = timed(passes, device)
+        best = interleaved(runs, max(3, 5 * reps))
+        row = {"shape": [d_out, d_in], "k": b.scale.k, "bytes": nbytes, "seconds": best["penalty"],
+               "stream_seconds": best["read"], "share_of_stream": best["read"] / best["penalty"],
+               "others": {name: {"seconds": t, "share_of_stream": best["read"] / t} for name, t in best.items()
+                          if name not in ("penalty", "read")}}
+        rows.append(row)
         del W, W0, U, stream
     b.results["kernel"] = rows
     b.save()
@@ -481,7 +515,9 @@ def report(b: Bench, device_name: str) -> list[str]:
     for k in R.get("kernel", []):
         lines.append(f"| anchor penalty full {k['shape'][0]} x {k['shape'][1]}, k {k['k']} | | "
                      f"{k['seconds'] * 1e3:.3f} ms, {k['bytes'] / 1e6:.1f} MB | | | "
-                     f"{k['share_of_stream']:.1%} of the measured stream read |")
+                     f"{k['share_of_stream']:.1%} of the measured stream read ({k['bytes'] / k['stream_seconds'] / 1e9:.0f} GB/s) |")
+        for name, o in k["others"].items():
+            lines.append(f"| ... {name} | | {o['seconds'] * 1e3:.3f} ms | | | {o['share_of_stream']:.1%} of the stream read |")
     lines += [f"note: {n}" for n in b.notes]
     return lines
 
@@ -491,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="/tmp/safebasin-gpu-scale")
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--reps", type=int, default=1, help="rounds of every contender, interleaved")
+    p.add_argument("--budget", type=float, help="seconds: start no contender after, stop any at, this time")
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks that every section runs")
     p.add_argument("--roofline", action="store_true", help="print the anchor penalty's roofline table and exit")
     args = p.parse_args(argv)
@@ -507,19 +544,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    b = Bench(out, SMOKE if args.smoke else GPU, args.smoke)
+    b = Bench(out, SMOKE if args.smoke else GPU, args.smoke, args.budget)
     device_name = torch.cuda.get_device_name(0) if not args.smoke else "CPU (smoke)"
     funcs = {"lora": section_lora, "full": section_full, "restore": section_restore, "eval": section_eval,
              "kernel": section_kernel}
     t0 = time.perf_counter()
-    for name in sections:
+    for name in sorted(sections, key=SECTIONS.index):
         print(f"== {name}", flush=True)
         funcs[name](b, args.reps)
     lines = report(b, device_name)
     (out / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    failed = sum(r["exit"] != 0 for recs in b.results.values() if isinstance(recs, list)
-                 for r in recs if isinstance(r, dict) and "exit" in r)
+    runs = [r for recs in b.results.values() for r in recs if "exit" in r]
+    failed = sum(r["exit"] not in (0, None) for r in runs)
+    skipped = sum(r["exit"] is None for r in runs)
+    if skipped:
+        print(f"gpu_scale: {skipped} contender(s) not run: the --budget was spent")
     print(f"gpu_scale: {time.perf_counter() - t0:.0f} s, {failed} process(es) failed; {out / 'scale.json'}")
     return 1 if failed else 0
 
