@@ -111,8 +111,8 @@ def _from_moments(T: torch.Tensor, sq: torch.Tensor, c: torch.Tensor, region: st
                   ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
     """From T = U^T DeltaW over all k columns of U (orthonormal) and sq = ||DeltaW||^2: (the
     penalty over U's first c.numel() columns in `region`, the energy outside span(U)
-    ||(I - U U^T) DeltaW||^2, and the penalty's (s, w), which its gradient takes). The one place the full form's value is
-    formed, for whole weights and for ZeRO-3 fragments alike."""
+    ||(I - U U^T) DeltaW||^2, and the penalty's (s, w), which its gradient takes). The one place
+    the full form's value is formed, for whole weights and for ZeRO-3 fragments alike."""
     kc = c.numel()
     row_sq = T.pow(2).sum(dim=1)
     s, weight = _terms(c, T, region)

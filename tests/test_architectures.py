@@ -40,6 +40,18 @@ def test_random_build_is_seeded_in_its_dtype_and_leaves_the_callers_rng(tmp_path
     assert len(load_tokenizer(args)) <= first.config.vocab_size
 
 
+def test_a_float32_build_is_the_bfloat16_build_before_rounding(tmp_path, monkeypatch):
+    """What lets a restoration (fp32 base) start from the weights a bf16 job trained on."""
+    monkeypatch.setenv("SAFEBASIN_CACHE", str(tmp_path))
+    full = dict(load_model(ModelArgs(path="arch:toy-llama", dtype="float32")).named_parameters())
+    half = load_model(ModelArgs(path="arch:toy-llama", dtype="bfloat16"))
+    for name, p in half.named_parameters():
+        assert torch.equal(full[name].to(torch.bfloat16), p), name
+    std = full["model.layers.0.mlp.up_proj.weight"].std().item()
+    assert 0.018 < std < 0.022  # initializer_range, drawn, not transformers' own init
+    assert torch.equal(full["model.norm.weight"], torch.ones(64))
+
+
 def test_unknown_architecture_names_the_choices(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFEBASIN_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match="unknown architecture.*arch:llama-3.1-8b"):

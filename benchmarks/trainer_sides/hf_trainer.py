@@ -17,7 +17,7 @@ for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MA
     os.environ.setdefault(key, value)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from model import load  # noqa: E402
+from side_model import load  # noqa: E402
 from padding import pad_batch  # noqa: E402  (this folder is the script's sys.path[0])
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 

@@ -16,7 +16,7 @@ torch.set_num_threads(spec["threads"])
 from peft import LoraConfig, get_peft_model  # noqa: E402
 import math  # noqa: E402
 
-from model import load  # noqa: E402
+from side_model import load  # noqa: E402
 from padding import pad_batch  # noqa: E402  (this folder is the script's sys.path[0])
 
 torch.manual_seed(spec["seed"])

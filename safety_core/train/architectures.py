@@ -8,11 +8,11 @@ tokenizer (1,024 tokens: every id it makes is inside every vocabulary here; the 
 still spans the architecture's full vocabulary, which is what a token costs).
 
 Building allocates the weights directly on the device in the requested dtype (no fp32 host
-copy) and initialises them there, one pass of the device's random generator, so the 8B
-builds in seconds on a GPU. The generator is seeded from `seed` inside a forked RNG state:
-the same architecture, seed, dtype and device give the same weights in every process (a
-trained adapter can be restored or evaluated on the base it was trained on), and the
-caller's own random stream (LoRA initialisation, dropout) is left as it was.
+copy, no initialisation by transformers) and fills them there, one pass of a seeded device
+generator, so the 8B builds in seconds on a GPU. The same architecture, seed and device give
+the same weights in every process and, rounded, in every dtype (a trained adapter is restored
+or evaluated on the base it was trained on); the caller's own random stream (LoRA
+initialisation, dropout) is left as it was.
 """
 
 from __future__ import annotations
@@ -121,23 +121,31 @@ class AutoTokenizerFiles:
 
 def build_random(folder: str, dtype: torch.dtype, device: torch.device, *, seed: int = 0,
                  attn_implementation: str = "sdpa"):
-    """The model of `folder`'s config.json with seeded random weights, allocated and initialised
-    on `device` in `dtype`. Under a live HfDeepSpeedConfig of ZeRO-3, transformers builds it
-    inside deepspeed.zero.Init (partitioned as it is built) and places it itself."""
+    """The model of `folder`'s config.json with seeded random weights, allocated on `device` in
+    `dtype`: every matrix N(0, initializer_range) drawn in fp32 on the device, one tensor at a
+    time, and rounded to `dtype`, so a float32 build is the bfloat16 build before rounding (a
+    restoration, which loads its base in fp32, sees the weights the bf16 job trained on); norm
+    weights are ones. Under a live HfDeepSpeedConfig of ZeRO-3, transformers builds the model
+    inside deepspeed.zero.Init, partitioned as it is built, with its own seeded initialisation."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
     from transformers.integrations import is_deepspeed_zero3_enabled
     config = AutoConfig.from_pretrained(folder)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed)
         if is_deepspeed_zero3_enabled():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        # Allocated on the device with transformers' and torch's initialisers switched off: the
+        # only pass over the weights is the one below.
+        with torch.device(device), no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-        else:
-            with torch.device(device):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                         attn_implementation=attn_implementation)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    std = getattr(config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std))
     return model
 
 
