@@ -50,3 +50,17 @@ def test_smoke_runs_every_section(tmp_path):
     (kernel,) = out["kernel"]
     assert kernel["seconds"] > 0 and kernel["bytes"] == gpu_scale.penalty_bytes(96, 64, 16)["step"]
     assert "| lora_safebasin_ckpt | 1/1 |" in res.stdout
+
+
+def test_kernel_section_times_every_triton_setting_under_the_interpreter(tmp_path):
+    """The GPU-only part of the kernel section (the Triton passes at each dot precision, checked
+    against the default) runs on the CPU under TRITON_INTERPRET=1 with the triton backend forced."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "SAFEBASIN_KERNEL_BACKEND": "triton"}
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_scale.py"), "--smoke", "--sections", "kernel",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "scale.json").read_text())["results"]["kernel"]
+    names = set(row["others"])
+    assert {"torch reference", "triton passes ieee 32x64/512", "triton passes tf32x3 32x64/512"} <= names
+    for name in names - {"torch reference"}:
+        assert row["others"][name]["max_rel_diff_of_T_from_default"] < 1e-5

@@ -305,6 +305,15 @@ class TestInterpreted:
         for coef in (1.0, 0.0):  # 0: the aligned control's gradient has no D term
             torch.testing.assert_close(tri.fragment_grad(w, w0, start, shape, U, M, scale, coef, block_n=16, **SMALL),
                                        ref.fragment_grad(w, w0, start, shape, U, M, scale, coef), **tol)
+        # The tensor-core setting of the full form's dots (fp32-level error) computes the same.
+        for got, want in zip(tri.fragment_moments(w, w0, start, shape, U, block_n=16, programs=4, precision="tf32x3",
+                                                  **SMALL), ref.fragment_moments(w, w0, start, shape, U)):
+            torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(tri.fragment_grad(w, w0, start, shape, U, M, scale, 1.0, block_n=16,
+                                                     precision="tf32x3", **SMALL),
+                                   ref.fragment_grad(w, w0, start, shape, U, M, scale, 1.0), **tol)
+        with pytest.raises(ValueError, match="precision 'tf32'.*'ieee', 'tf32x3'"):
+            tri.fragment_grad(w, w0, start, shape, U, M, scale, precision="tf32")
 
     @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
     @pytest.mark.parametrize("variant", VARIANTS)
