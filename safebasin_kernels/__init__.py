@@ -5,9 +5,11 @@ from safebasin.kernels.anchor_ops import (
     anchor_penalty,
     anchor_penalty_full,
     anchor_penalty_full_metrics,
+    anchor_penalty_metrics,
     anchor_penalty_sharded,
 )
 from safebasin.kernels.lbfgs_ops import lin_comb, multi_dot
 
-__all__ = ["anchor_penalty", "anchor_penalty_full", "anchor_penalty_full_metrics", "anchor_penalty_sharded",
+__all__ = ["anchor_penalty", "anchor_penalty_full", "anchor_penalty_full_metrics", "anchor_penalty_metrics",
+           "anchor_penalty_sharded",
            "multi_dot", "lin_comb"]

@@ -19,6 +19,11 @@ with (s, w) = (1, c^2 - 2c) outside and (0, c^2) inside, so they share every pie
 outside form keeps X = (I - C) B rather than expanding it: the expansion subtracts two close
 energies when the update lies mostly in span(U).
 
+The LoRA form also takes a stack of same-shape layers (B: L x d_out x r, A: L x r x d_in, U:
+L x d_out x k, c: L x k) and returns the sum over them: one autograd node and a few batched
+launches for all of a model's q (or k, ...) layers, where a loop over layers would launch a
+few dozen small kernels per layer (host-bound on a GPU). Stacks run on the reference pieces.
+
 The math is written once here over "pieces" (U^T Y, the row moments of X, ...) that stream
 the large operands; each piece exists as a Triton kernel (triton_anchor) and a PyTorch
 reference (torch_anchor), and safebasin_kernels/backend.py picks one per call. The LoRA form reads U and
@@ -51,7 +56,7 @@ class _LoraPenalty(torch.autograd.Function):
     def forward(ctx, B, A, U, c, ops):
         T = ops.ut_y(U, B)
         cf = c.to(T.dtype)
-        gram_x, ux = ops.row_moments(B, U, cf[:, None] * T)
+        gram_x, ux = ops.row_moments(B, U, cf[..., None] * T)
         gram_a = ops.gram(A)
         ctx.save_for_backward(B, A, U, cf, T, ux, gram_x, gram_a)
         ctx.ops = ops
@@ -65,7 +70,7 @@ class _LoraPenalty(torch.autograd.Function):
         dB = dA = None
         if ctx.needs_input_grad[0]:
             G = two_g * gram_a
-            dB = ctx.ops.row_apply(B, U, cf[:, None] * ((T + ux) @ G), G).to(B.dtype)
+            dB = ctx.ops.row_apply(B, U, cf[..., None] * ((T + ux) @ G), G).to(B.dtype)
         if ctx.needs_input_grad[1]:
             dA = ctx.ops.left_mul(two_g * gram_x, A).to(A.dtype)
         return dB, dA, None, None, None
@@ -75,8 +80,8 @@ class _LoraInsidePenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, B, A, U, c, ops):
         T = ops.ut_y(U, B)
-        Tc = c.to(T.dtype)[:, None] * T
-        gram_c = Tc.T @ Tc                       # r x r: (C B)^T (C B) for orthonormal U
+        Tc = c.to(T.dtype)[..., None] * T
+        gram_c = Tc.mT @ Tc                      # r x r: (C B)^T (C B) for orthonormal U
         gram_a = ops.gram(A)
         ctx.save_for_backward(B, A, U, c.to(Tc.dtype), Tc, gram_c, gram_a)
         ctx.ops = ops
@@ -89,7 +94,7 @@ class _LoraInsidePenalty(torch.autograd.Function):
         dB = dA = None
         if ctx.needs_input_grad[0]:
             # row_apply forms B G - U M; G = 0 leaves -U M, so M carries the minus sign.
-            M = -(cf[:, None] * (Tc @ (two_g * gram_a)))
+            M = -(cf[..., None] * (Tc @ (two_g * gram_a)))
             dB = ctx.ops.row_apply(B, U, M, torch.zeros_like(gram_a)).to(B.dtype)
         if ctx.needs_input_grad[1]:
             dA = ctx.ops.left_mul(two_g * gram_c, A).to(A.dtype)
@@ -154,10 +159,26 @@ def _check(U: torch.Tensor, c: torch.Tensor, d_out: int, region: str = "outside"
         raise ValueError(f"c must hold {'at most ' if prefix else ''}k = {U.shape[1]} values, got {tuple(c.shape)}")
 
 
-def _check_lora(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str) -> None:
-    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
-        raise ValueError(f"B (d_out x r) and A (r x d_in) do not chain: {tuple(B.shape)}, {tuple(A.shape)}")
-    _check(U, c, B.shape[0], region)
+def _check_lora(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str,
+                prefix: bool = False) -> None:
+    """One layer (2-D B, A, U; 1-D c) or a stack of L layers (each with a leading L)."""
+    if B.dim() not in (2, 3) or A.dim() != B.dim() or B.shape[-1] != A.shape[-2]:
+        raise ValueError(f"B (d_out x r) and A (r x d_in), or stacks of them (L x ...), do not chain: "
+                         f"{tuple(B.shape)}, {tuple(A.shape)}")
+    if B.dim() == 3:
+        if not (A.shape[0] == U.shape[0] == c.shape[0] == B.shape[0]) or U.dim() != 3 or c.dim() != 2:
+            raise ValueError(f"a stack of L = {B.shape[0]} layers needs A (L x r x d_in), U (L x d_out x k) "
+                             f"and c (L x k); got {tuple(A.shape)}, {tuple(U.shape)}, {tuple(c.shape)}")
+        _check(U[0], c[0], B.shape[1], region, prefix)
+    else:
+        _check(U, c, B.shape[0], region, prefix)
+
+
+def _lora_unsupported(B: torch.Tensor) -> str | None:
+    """Why the Triton pieces cannot take these factors, or None."""
+    if B.dim() == 3:
+        return "a stack of layers runs on the reference pieces (batched matmuls)"
+    return backend.rank_limit(B.shape[1])
 
 
 def _check_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str,
@@ -179,8 +200,26 @@ def anchor_penalty(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.T
     in B and A (closed-form backward). Triton for CUDA tensors, the reference otherwise
     (safebasin_kernels/backend.py)."""
     _check_lora(B, A, U, c, region)
-    ops = _pieces(B, A, U, c, unsupported=backend.rank_limit(B.shape[1]))
+    ops = _pieces(B, A, U, c, unsupported=_lora_unsupported(B))
     return _lora(B, A, U, c, ops, region)
+
+
+def anchor_penalty_metrics(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor,
+                           region: str = "outside") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(anchor_penalty over U's first c.shape[-1] columns, differentiable in B and A; the energy of
+    B A outside span(U) over all of U's columns, ||(I - U U^T) B A||^2; ||B A||^2), for one layer
+    or a stack (all three summed over it). The metrics reuse the penalty's pieces on small
+    factors (k x r, r x r), so they cost a few launches, not a second penalty."""
+    _check_lora(B, A, U, c, region, prefix=True)
+    ops = _pieces(B, A, U, c, unsupported=_lora_unsupported(B))
+    kc = c.shape[-1]
+    penalty = _lora(B, A, U[..., :kc], c, ops, region)
+    with torch.no_grad():
+        # X' = (I - U U^T) B kept unexpanded, as the penalty's X (no cancellation of energies).
+        gram_out, _ = ops.row_moments(B, U, ops.ut_y(U, B))
+        gram_a, gram_b = ops.gram(A), ops.gram(B.mT)
+        outside, energy = (gram_out * gram_a).sum(), (gram_b * gram_a).sum()
+    return penalty, outside, energy
 
 
 def anchor_penalty_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor,

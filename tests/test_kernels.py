@@ -130,6 +130,38 @@ def test_full_reference_matches_dense(shape, variant, torch_backend):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_a_stack_of_lora_layers_is_the_sum_of_its_layers(variant, torch_backend):
+    """anchor_penalty_metrics on L same-shape layers stacked: the sum of the per-layer penalties
+    (values and every layer's gradients, as the dense formula gives them), the outside energy
+    over all of U's columns and ||B A||^2, in one call."""
+    from safebasin.kernels import anchor_penalty_metrics
+    d_out, d_in, r, k = 24, 41, 6, 9
+    region = region_of(variant)
+    layers = [lora_inputs(d_out, d_in, r, k, "safelora" if variant == "l2" else variant, seed=s) for s in range(3)]
+    if variant == "l2":
+        layers = [(B, A, U, c[:0]) for B, A, U, c in layers]
+    B, A, U, c = (torch.stack(t) for t in zip(*layers))
+    Bp, Ap = B.clone().requires_grad_(True), A.clone().requires_grad_(True)
+    penalty, outside, energy = anchor_penalty_metrics(Bp, Ap, U, c, region)
+    dB, dA = torch.autograd.grad(penalty, (Bp, Ap))
+    want = want_out = want_e = 0.0
+    for i, (b, a, u, ci) in enumerate(layers):
+        p_i, (db, da) = dense_penalty_and_grads(lambda B, A: B @ A, (b, a), u[:, :ci.numel()], ci, region)
+        torch.testing.assert_close(dB[i], db, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(dA[i], da, rtol=1e-9, atol=1e-10)
+        D = b @ a
+        want, want_out, want_e = want + p_i, want_out + (D - u @ (u.T @ D)).pow(2).sum(), want_e + D.pow(2).sum()
+    torch.testing.assert_close(penalty.detach(), want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(outside, want_out, rtol=1e-9, atol=0)
+    torch.testing.assert_close(energy, want_e, rtol=1e-10, atol=0)
+    # One layer, unstacked, gives that layer's share.
+    one = anchor_penalty_metrics(*layers[0][:3], layers[0][3], region)
+    torch.testing.assert_close(one[2], (layers[0][0] @ layers[0][1]).pow(2).sum(), rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="stack of L = 3 layers needs"):
+        anchor_penalty_metrics(B, A, U[:2], c, region)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_full_metrics_come_from_one_pass(variant, torch_backend, monkeypatch):
     """anchor_penalty_full_metrics: the penalty over U's first c.numel() columns (value and
     gradient as anchor_penalty_full), the energy outside span(U) over all of U's columns and
@@ -374,6 +406,9 @@ class TestInterpreted:
     def test_forced_triton_refuses_what_it_cannot_take(self):
         B, A, U, c = lora_inputs(13, 7, 3, 5, "safelora")  # float64
         with pytest.raises(TypeError, match="float64.*SAFEBASIN_KERNEL_BACKEND=torch"):
+            anchor_penalty(B, A, U, c)
+        B, A, U, c = (t.float()[None] for t in lora_inputs(13, 7, 3, 5, "safelora"))
+        with pytest.raises(ValueError, match="stack of layers runs on the reference pieces"):
             anchor_penalty(B, A, U, c)
         B, A, U, c = lora_inputs(13, 7, backend.MAX_RANK + 1, 5, "safelora", dtype=torch.float32)
         with pytest.raises(ValueError, match="rank 129"):
