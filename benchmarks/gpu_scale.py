@@ -201,6 +201,15 @@ class Bench:
         self.deadline = None if budget is None else time.perf_counter() + budget
         self.results: dict[str, list[dict]] = {}
         self.notes: list[str] = []
+        prior = out / "scale.json"
+        if prior.exists():
+            # A later call with the same --out adds to what an earlier one measured (a device
+            # call cut short by its time limit, continued by another).
+            saved = json.loads(prior.read_text())
+            if saved["smoke"] != smoke:
+                raise SystemExit(f"gpu_scale: {prior} holds a {'smoke' if saved['smoke'] else 'GPU'} run; "
+                                 f"use another --out")
+            self.results, self.notes = saved["results"], saved["notes"]
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         if smoke:
             self.env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

@@ -64,3 +64,9 @@ def test_kernel_section_times_every_triton_setting_under_the_interpreter(tmp_pat
     assert {"torch reference", "triton passes ieee 32x64/512", "triton passes tf32x3 32x64/512"} <= names
     for name in names - {"torch reference"}:
         assert row["others"][name]["max_rel_diff_of_T_from_default"] < 1e-5
+    # A second call with the same --out adds to the first's figures (here: restore without a lora run).
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_scale.py"), "--smoke", "--sections", "restore",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, check=False)
+    saved = json.loads((tmp_path / "scale.json").read_text())
+    assert res.returncode == 0 and saved["results"]["kernel"] == [row]
+    assert any("no adapter from the lora section" in n for n in saved["notes"])
