@@ -585,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in sorted(sections, key=SECTIONS.index):
         print(f"== {name}", flush=True)
         funcs[name](b, args.reps)
+    b.save()
     lines = report(b, device_name)
     (out / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
