@@ -8,7 +8,9 @@ minutes, with one summary at the end.
 3. a bf16 ZeRO-2 anchored LoRA job on the model (default builtin:smollm2-135m-instruct; set
    GPU_CHECK_MODEL to a local folder otherwise), then a restoration of its adapter;
 4. `safebasin eval` on 16 prompts (prompts/s, whole process);
-5. benchmarks/gpu_rank_binding.py, when the repository has it.
+5. benchmarks/gpu_rank_binding.py, when the repository has it;
+6. benchmarks/gpu_scale.py (8B-shape LoRA against a plain loop and the HF Trainer, 1B full ZeRO-3,
+   restoration, eval, the penalty kernel at 8B layer shapes) in the time left of the 8 minutes.
 
     python benchmarks/gpu_check.py [--out DIR] [--smoke]
 
@@ -30,6 +32,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# gpu_check.sh stops everything at 480 s; the last section gets what is left, less this margin
+# for the summary.
+BUDGET, MARGIN = 480, 20
+START = time.perf_counter()
 BENCH = REPO / "benchmarks"
 RESULTS: list[tuple[str, str, str]] = []  # (section, PASS/FAIL/INFO, detail)
 
@@ -230,6 +236,19 @@ def rank_binding(out: Path) -> None:
            f"exit {code} in {secs:.0f} s; last line: {text.strip().splitlines()[-1] if text.strip() else ''}")
 
 
+def scale(out: Path) -> None:
+    left = int(BUDGET - MARGIN - (time.perf_counter() - START))
+    if left < 60:
+        record("gpu_scale", None, f"not run: {left} s left of the check's {BUDGET} s")
+        return
+    code, secs, text = run([sys.executable, str(BENCH / "gpu_scale.py"), "--out", str(out / "scale"),
+                            "--budget", str(left - 10)], out / "scale.log", left)
+    skipped = re.search(r"(\d+) contender\(s\) not run", text)
+    record("gpu_scale (8B LoRA sides, 1B ZeRO-3, restore, eval, penalty kernel)", code == 0,
+           f"exit {code} in {secs:.0f} s" + (f", {skipped[1]} contender(s) left for want of time" if skipped else "")
+           + f"; table {out / 'scale' / 'scale.md'}, figures {out / 'scale' / 'scale.json'}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/safebasin-gpu-check")
@@ -251,7 +270,7 @@ def main() -> int:
         device = torch.cuda.get_device_name(0)
         record("device", None, f"{device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
         sections = [("kernels", kernel_correctness), ("kernel benchmarks", lambda: kernel_benchmark(out)),
-                    *sections, ("rank binding", lambda: rank_binding(out))]
+                    *sections, ("rank binding", lambda: rank_binding(out)), ("gpu_scale", lambda: scale(out))]
     for name, fn in sections:
         try:
             fn()

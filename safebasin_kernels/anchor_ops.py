@@ -19,6 +19,11 @@ with (s, w) = (1, c^2 - 2c) outside and (0, c^2) inside, so they share every pie
 outside form keeps X = (I - C) B rather than expanding it: the expansion subtracts two close
 energies when the update lies mostly in span(U).
 
+The LoRA form also takes a stack of same-shape layers (B: L x d_out x r, A: L x r x d_in, U:
+L x d_out x k, c: L x k) and returns the sum over them: one autograd node and a few batched
+launches for all of a model's q (or k, ...) layers, where a loop over layers would launch a
+few dozen small kernels per layer (host-bound on a GPU). Stacks run on the reference pieces.
+
 The math is written once here over "pieces" (U^T Y, the row moments of X, ...) that stream
 the large operands; each piece exists as a Triton kernel (triton_anchor) and a PyTorch
 reference (torch_anchor), and safebasin_kernels/backend.py picks one per call. The LoRA form reads U and
@@ -51,7 +56,7 @@ class _LoraPenalty(torch.autograd.Function):
     def forward(ctx, B, A, U, c, ops):
         T = ops.ut_y(U, B)
         cf = c.to(T.dtype)
-        gram_x, ux = ops.row_moments(B, U, cf[:, None] * T)
+        gram_x, ux = ops.row_moments(B, U, cf[..., None] * T)
         gram_a = ops.gram(A)
         ctx.save_for_backward(B, A, U, cf, T, ux, gram_x, gram_a)
         ctx.ops = ops
@@ -65,7 +70,7 @@ class _LoraPenalty(torch.autograd.Function):
         dB = dA = None
         if ctx.needs_input_grad[0]:
             G = two_g * gram_a
-            dB = ctx.ops.row_apply(B, U, cf[:, None] * ((T + ux) @ G), G).to(B.dtype)
+            dB = ctx.ops.row_apply(B, U, cf[..., None] * ((T + ux) @ G), G).to(B.dtype)
         if ctx.needs_input_grad[1]:
             dA = ctx.ops.left_mul(two_g * gram_x, A).to(A.dtype)
         return dB, dA, None, None, None
@@ -75,8 +80,8 @@ class _LoraInsidePenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, B, A, U, c, ops):
         T = ops.ut_y(U, B)
-        Tc = c.to(T.dtype)[:, None] * T
-        gram_c = Tc.T @ Tc                       # r x r: (C B)^T (C B) for orthonormal U
+        Tc = c.to(T.dtype)[..., None] * T
+        gram_c = Tc.mT @ Tc                      # r x r: (C B)^T (C B) for orthonormal U
         gram_a = ops.gram(A)
         ctx.save_for_backward(B, A, U, c.to(Tc.dtype), Tc, gram_c, gram_a)
         ctx.ops = ops
@@ -89,7 +94,7 @@ class _LoraInsidePenalty(torch.autograd.Function):
         dB = dA = None
         if ctx.needs_input_grad[0]:
             # row_apply forms B G - U M; G = 0 leaves -U M, so M carries the minus sign.
-            M = -(cf[:, None] * (Tc @ (two_g * gram_a)))
+            M = -(cf[..., None] * (Tc @ (two_g * gram_a)))
             dB = ctx.ops.row_apply(B, U, M, torch.zeros_like(gram_a)).to(B.dtype)
         if ctx.needs_input_grad[1]:
             dA = ctx.ops.left_mul(two_g * gram_c, A).to(A.dtype)
@@ -107,43 +112,80 @@ def _terms(c: torch.Tensor, like: torch.Tensor, region: str) -> tuple[float, tor
     return 1.0, c * c - 2 * c
 
 
+def _from_moments(T: torch.Tensor, sq: torch.Tensor, c: torch.Tensor, region: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """From T = U^T DeltaW over all k columns of U (orthonormal) and sq = ||DeltaW||^2: (the
+    penalty over U's first c.numel() columns in `region`, the energy outside span(U)
+    ||(I - U U^T) DeltaW||^2, and the penalty's (s, w), which its gradient takes). The one place
+    the full form's value is formed, for whole weights and for ZeRO-3 fragments alike."""
+    kc = c.numel()
+    row_sq = T.pow(2).sum(dim=1)
+    s, weight = _terms(c, T, region)
+    return s * sq + (weight * row_sq[:kc]).sum(), sq - row_sq.sum(), s, weight
+
+
 class _FullPenalty(torch.autograd.Function):
+    """(penalty, outside energy, ||DeltaW||^2) from one pass over W, W0 and U; only the penalty
+    is differentiable. Its gradient needs U^T DeltaW complete (a sum over every row) before any
+    of its elements, so the backward reads W, W0 and U once more and writes dW: two passes
+    per step are the least an exact gradient can take (benchmarks/RESULTS.md, roofline)."""
+
     @staticmethod
     def forward(ctx, W, W0, U, c, ops, region):
         w, w0 = W.reshape(-1), W0.reshape(-1)  # row-major; copies only a non-contiguous W
         T, sq = ops.fragment_moments(w, w0, 0, tuple(W.shape), U)
-        s, weight = _terms(c, T, region)
-        ctx.save_for_backward(w, w0, U, weight, T)
+        penalty, outside, s, weight = _from_moments(T, sq, c, region)
+        kc = c.numel()
+        ctx.save_for_backward(w, w0, U[:, :kc], weight, T[:kc])
         ctx.ops, ctx.shape, ctx.w_dtype, ctx.s = ops, tuple(W.shape), W.dtype, s
-        return s * sq + (weight * T.pow(2).sum(dim=1)).sum()
+        ctx.mark_non_differentiable(outside, sq)
+        return penalty, outside, sq
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _outside, _sq):
         w, w0, U, weight, T = ctx.saved_tensors
         # dP/dW = 2 (s D + U (w * T)) = 2 (s D - U M) with M = -(w * T).
         dW = ctx.ops.fragment_grad(w, w0, 0, ctx.shape, U, -weight[:, None] * T, 2 * grad_out, ctx.s)
         return dW.view(ctx.shape).to(ctx.w_dtype), None, None, None, None, None
 
 
-def _check(U: torch.Tensor, c: torch.Tensor, d_out: int, region: str = "outside") -> None:
+def _check(U: torch.Tensor, c: torch.Tensor, d_out: int, region: str = "outside", prefix: bool = False) -> None:
+    """prefix: c weights the first c.numel() columns of U (the rest serve the outside metric)."""
     if region not in REGIONS:
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
     if U.dim() != 2 or U.shape[0] != d_out:
         raise ValueError(f"U must be d_out x k with d_out = {d_out}, got {tuple(U.shape)}")
-    if c.dim() != 1 or c.shape[0] != U.shape[1]:
-        raise ValueError(f"c must hold k = {U.shape[1]} values, got {tuple(c.shape)}")
+    if c.dim() != 1 or not (c.shape[0] <= U.shape[1] if prefix else c.shape[0] == U.shape[1]):
+        raise ValueError(f"c must hold {'at most ' if prefix else ''}k = {U.shape[1]} values, got {tuple(c.shape)}")
 
 
-def _check_lora(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str) -> None:
-    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
-        raise ValueError(f"B (d_out x r) and A (r x d_in) do not chain: {tuple(B.shape)}, {tuple(A.shape)}")
-    _check(U, c, B.shape[0], region)
+def _check_lora(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str,
+                prefix: bool = False) -> None:
+    """One layer (2-D B, A, U; 1-D c) or a stack of L layers (each with a leading L)."""
+    if B.dim() not in (2, 3) or A.dim() != B.dim() or B.shape[-1] != A.shape[-2]:
+        raise ValueError(f"B (d_out x r) and A (r x d_in), or stacks of them (L x ...), do not chain: "
+                         f"{tuple(B.shape)}, {tuple(A.shape)}")
+    if B.dim() == 3:
+        if not (A.shape[0] == U.shape[0] == c.shape[0] == B.shape[0]) or U.dim() != 3 or c.dim() != 2:
+            raise ValueError(f"a stack of L = {B.shape[0]} layers needs A (L x r x d_in), U (L x d_out x k) "
+                             f"and c (L x k); got {tuple(A.shape)}, {tuple(U.shape)}, {tuple(c.shape)}")
+        _check(U[0], c[0], B.shape[1], region, prefix)
+    else:
+        _check(U, c, B.shape[0], region, prefix)
 
 
-def _check_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str) -> None:
+def _lora_unsupported(B: torch.Tensor) -> str | None:
+    """Why the Triton pieces cannot take these factors, or None."""
+    if B.dim() == 3:
+        return "a stack of layers runs on the reference pieces (batched matmuls)"
+    return backend.rank_limit(B.shape[1])
+
+
+def _check_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor, region: str,
+                prefix: bool = False) -> None:
     if W.shape != W0.shape or W.dim() != 2:
         raise ValueError(f"W and W0 must be equal 2-D shapes, got {tuple(W.shape)}, {tuple(W0.shape)}")
-    _check(U, c, W.shape[0], region)
+    _check(U, c, W.shape[0], region, prefix)
 
 
 def _lora(B, A, U, c, ops, region):
@@ -158,8 +200,26 @@ def anchor_penalty(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.T
     in B and A (closed-form backward). Triton for CUDA tensors, the reference otherwise
     (safebasin_kernels/backend.py)."""
     _check_lora(B, A, U, c, region)
-    ops = _pieces(B, A, U, c, unsupported=backend.rank_limit(B.shape[1]))
+    ops = _pieces(B, A, U, c, unsupported=_lora_unsupported(B))
     return _lora(B, A, U, c, ops, region)
+
+
+def anchor_penalty_metrics(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, c: torch.Tensor,
+                           region: str = "outside") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(anchor_penalty over U's first c.shape[-1] columns, differentiable in B and A; the energy of
+    B A outside span(U) over all of U's columns, ||(I - U U^T) B A||^2; ||B A||^2), for one layer
+    or a stack (all three summed over it). The metrics reuse the penalty's pieces on small
+    factors (k x r, r x r), so they cost a few launches, not a second penalty."""
+    _check_lora(B, A, U, c, region, prefix=True)
+    ops = _pieces(B, A, U, c, unsupported=_lora_unsupported(B))
+    kc = c.shape[-1]
+    penalty = _lora(B, A, U[..., :kc], c, ops, region)
+    with torch.no_grad():
+        # X' = (I - U U^T) B kept unexpanded, as the penalty's X (no cancellation of energies).
+        gram_out, _ = ops.row_moments(B, U, ops.ut_y(U, B))
+        gram_a, gram_b = ops.gram(A), ops.gram(B.mT)
+        outside, energy = (gram_out * gram_a).sum(), (gram_b * gram_a).sum()
+    return penalty, outside, energy
 
 
 def anchor_penalty_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor,
@@ -167,6 +227,16 @@ def anchor_penalty_full(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: t
     """||(I - U diag(c) U^T)(W - W0)||_F^2 (or ||U diag(c) U^T (W - W0)||_F^2 inside),
     differentiable in W."""
     _check_full(W, W0, U, c, region)
+    return _FullPenalty.apply(W, W0, U, c, _pieces(W, W0, U, c), region)[0]
+
+
+def anchor_penalty_full_metrics(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor, c: torch.Tensor,
+                                region: str = "outside") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the penalty of anchor_penalty_full over U's first c.numel() columns, differentiable in W;
+    the update's energy outside span(U) over all of U's columns; ||W - W0||^2), all three from
+    one pass over W, W0 and U (U orthonormal for the second). What a trainer logs beside the
+    penalty costs no second read of the weights."""
+    _check_full(W, W0, U, c, region, prefix=True)
     return _FullPenalty.apply(W, W0, U, c, _pieces(W, W0, U, c), region)
 
 
@@ -181,7 +251,7 @@ def anchor_penalty_full_reference(W: torch.Tensor, W0: torch.Tensor, U: torch.Te
                                   region: str = "outside") -> torch.Tensor:
     """anchor_penalty_full on the PyTorch reference whatever the backend setting."""
     _check_full(W, W0, U, c, region)
-    return _FullPenalty.apply(W, W0, U, c, torch_anchor, region)
+    return _FullPenalty.apply(W, W0, U, c, torch_anchor, region)[0]
 
 
 def sharded_partials(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int],
@@ -219,10 +289,7 @@ def sharded_penalty_from(reduced: torch.Tensor, w: torch.Tensor, w0: torch.Tenso
     _check(penalty_U, c, d_out, region)
     T = reduced[:-1].view(U.shape[1], d_in)
     sq = reduced[-1]
-    row_sq = T.pow(2).sum(dim=1)
-    s, weight = _terms(c, T, region)
-    penalty = s * sq + (weight * row_sq[:kc]).sum()
-    outside = sq - row_sq.sum()
+    penalty, outside, s, weight = _from_moments(T, sq, c, region)
     w, w0 = w.reshape(-1), w0.reshape(-1)
     if not w.numel():
         return penalty, outside, sq, torch.zeros(0, dtype=reduced.dtype, device=w.device)

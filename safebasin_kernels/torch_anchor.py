@@ -1,7 +1,9 @@
 """PyTorch reference pieces of the anchor penalty: the CPU path and the ground truth the Triton
 pieces (safebasin_kernels/triton_anchor.py, same names and contracts) are tested against.
 
-Arithmetic runs in fp32 for half-precision inputs; fp64 stays fp64.
+Arithmetic runs in fp32 for half-precision inputs; fp64 stays fp64. The LoRA pieces also take
+a stack of same-shape layers (a leading layer dimension: matmuls broadcast over it), which is
+how a trainer takes all its adapted layers in a few launches instead of a few per layer.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ def acc(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def ut_y(U: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """U^T Y (k x r)."""
-    return acc(U, Y).T @ acc(Y, Y)
+    return acc(U, Y).mT @ acc(Y, Y)
 
 
 def row_moments(B: torch.Tensor, U: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(X^T X, U^T X) for X = B - U M."""
     Uf = acc(U, B)
     X = acc(B, B) - Uf @ M.to(Uf.dtype)
-    return X.T @ X, Uf.T @ X
+    return X.mT @ X, Uf.mT @ X
 
 
 def row_apply(B: torch.Tensor, U: torch.Tensor, M: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,7 @@ def row_apply(B: torch.Tensor, U: torch.Tensor, M: torch.Tensor, G: torch.Tensor
 def gram(A: torch.Tensor) -> torch.Tensor:
     """A A^T (r x r)."""
     Af = acc(A, A)
-    return Af @ Af.T
+    return Af @ Af.mT
 
 
 def left_mul(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,16 @@ import triton.language as tl
 
 from safebasin.kernels.triton_common import pad
 
-# tl.dot on fp32 would otherwise use TF32 on GPUs (10-bit mantissa); these dots are
-# memory-bound, so exact fp32 costs nothing measurable.
+# tl.dot on fp32 would otherwise use TF32 on GPUs (10-bit mantissa); the LoRA form's dots are
+# small, so exact fp32 costs nothing measurable there.
 _IEEE: tl.constexpr = tl.constexpr("ieee")
+# The full form's two passes do 2k FLOPs per element of W (4k per step over 20 bytes): at k = 64,
+# exact fp32 dots run on CUDA cores, whose peak puts the ridge point at about the step's own
+# FLOP per byte (benchmarks/RESULTS.md, roofline). "tf32x3" (three TF32 products, fp32-level
+# error) moves them to tensor cores; the device run times both (gpu_scale.py, kernel section)
+# before the default changes.
+FULL_PRECISIONS = ("ieee", "tf32x3")
+FULL_PRECISION = "ieee"
 
 
 @triton.jit
@@ -115,7 +122,8 @@ def _fragment_tile(w_ptr, w0_ptr, rows, cols, row_end, start, n, d_in, sw, sw0):
 @triton.jit
 def _fragment_moments_kernel(w_ptr, w0_ptr, u_ptr, t_ptr, sq_ptr, start, n, d_in, row0, row_end, rows_per_split,
                              k, sw, sw0, su0, su1,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             PRECISION: tl.constexpr):
     """Program (column block, row split, k block): partial U^T D over its rows, and (first k
     block only) the partial column sums of D^2."""
     pid_n, pid_s, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -131,7 +139,7 @@ def _fragment_moments_kernel(w_ptr, w0_ptr, u_ptr, t_ptr, sq_ptr, start, n, d_in
         dlt, flat, ok = _fragment_tile(w_ptr, w0_ptr, rows, cols, last, start, n, d_in, sw, sw0)
         u = tl.load(u_ptr + rows[:, None] * su0 + kc[None, :] * su1, mask=(rows < last)[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
-        acc += tl.dot(tl.trans(u), dlt, input_precision=_IEEE)
+        acc += tl.dot(tl.trans(u), dlt, input_precision=PRECISION)
         sq += tl.sum(dlt * dlt, axis=0)
     col_ok = cols < d_in
     tl.store(t_ptr + pid_s * k * d_in + kc[:, None] * d_in + cols[None, :], acc, mask=k_ok[:, None] & col_ok[None, :])
@@ -142,7 +150,8 @@ def _fragment_moments_kernel(w_ptr, w0_ptr, u_ptr, t_ptr, sq_ptr, start, n, d_in
 @triton.jit
 def _fragment_grad_kernel(w_ptr, w0_ptr, u_ptr, m_ptr, scale_ptr, out_ptr, start, n, d_in, row0, row_end, k,
                           delta_coef, sw, sw0, su0, su1,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PRECISION: tl.constexpr):
     rows = (row0 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     dlt, flat, ok = _fragment_tile(w_ptr, w0_ptr, rows, cols, row_end, start, n, d_in, sw, sw0)
@@ -155,7 +164,7 @@ def _fragment_grad_kernel(w_ptr, w0_ptr, u_ptr, m_ptr, scale_ptr, out_ptr, start
         u = tl.load(u_ptr + rows[:, None] * su0 + kc[None, :] * su1, mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
         m = tl.load(m_ptr + kc[:, None] * d_in + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        dlt -= tl.dot(u, m, input_precision=_IEEE)
+        dlt -= tl.dot(u, m, input_precision=PRECISION)
     scale = tl.load(scale_ptr)
     tl.store(out_ptr + flat, scale * dlt, mask=ok)
 
@@ -231,6 +240,13 @@ def left_mul(G: torch.Tensor, A: torch.Tensor, *, block_n: int = 128) -> torch.T
     return out
 
 
+def _precision(value: str | None) -> str:
+    value = FULL_PRECISION if value is None else value
+    if value not in FULL_PRECISIONS:
+        raise ValueError(f"precision {value!r}: allowed values {FULL_PRECISIONS}")
+    return value
+
+
 def _window(start: int, n: int, d_in: int) -> tuple[int, int]:
     """The rows [row0, row_end) that elements [start, start + n) of a row-major weight touch."""
     return start // d_in, (start + n - 1) // d_in + 1
@@ -238,7 +254,7 @@ def _window(start: int, n: int, d_in: int) -> tuple[int, int]:
 
 def fragment_moments(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int], U: torch.Tensor, *,
                      block_m: int = 32, block_n: int = 64, block_k: int = 64,
-                     programs: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                     programs: int = 512, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     d_in = shape[1]
     n = w.numel()
     k = U.shape[1]
@@ -255,13 +271,13 @@ def fragment_moments(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple
     sq = torch.empty(splits, d_in, dtype=torch.float32, device=w.device)
     _fragment_moments_kernel[(cols, splits, kblocks)](
         w, w0, U, T, sq, start, n, d_in, row0, row_end, rows_per_split, k, w.stride(0), w0.stride(0), *U.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(precision))
     return T.sum(0), sq.sum()
 
 
 def fragment_grad(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[int, int], U: torch.Tensor,
                   M: torch.Tensor, scale: torch.Tensor, delta_coef: float = 1.0, *, block_m: int = 32,
-                  block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+                  block_n: int = 64, block_k: int = 64, precision: str | None = None) -> torch.Tensor:
     d_in = shape[1]
     n = w.numel()
     k = U.shape[1]
@@ -270,5 +286,6 @@ def fragment_grad(w: torch.Tensor, w0: torch.Tensor, start: int, shape: tuple[in
     grid = (triton.cdiv(row_end - row0, block_m), triton.cdiv(d_in, block_n))
     _fragment_grad_kernel[grid](w, w0, U, _f32(M), _f32(scale.reshape(1)), out, start, n, d_in, row0, row_end, k,
                                 float(delta_coef), w.stride(0), w0.stride(0), *U.stride(),
-                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, pad(k)))
+                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, pad(k)),
+                                PRECISION=_precision(precision))
     return out

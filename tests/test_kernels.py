@@ -129,6 +129,72 @@ def test_full_reference_matches_dense(shape, variant, torch_backend):
     torch.testing.assert_close(dW_t, want_dW, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_stack_of_lora_layers_is_the_sum_of_its_layers(variant, torch_backend):
+    """anchor_penalty_metrics on L same-shape layers stacked: the sum of the per-layer penalties
+    (values and every layer's gradients, as the dense formula gives them), the outside energy
+    over all of U's columns and ||B A||^2, in one call."""
+    from safebasin.kernels import anchor_penalty_metrics
+    d_out, d_in, r, k = 24, 41, 6, 9
+    region = region_of(variant)
+    layers = [lora_inputs(d_out, d_in, r, k, "safelora" if variant == "l2" else variant, seed=s) for s in range(3)]
+    if variant == "l2":
+        layers = [(B, A, U, c[:0]) for B, A, U, c in layers]
+    B, A, U, c = (torch.stack(t) for t in zip(*layers))
+    Bp, Ap = B.clone().requires_grad_(True), A.clone().requires_grad_(True)
+    penalty, outside, energy = anchor_penalty_metrics(Bp, Ap, U, c, region)
+    dB, dA = torch.autograd.grad(penalty, (Bp, Ap))
+    want = want_out = want_e = 0.0
+    for i, (b, a, u, ci) in enumerate(layers):
+        p_i, (db, da) = dense_penalty_and_grads(lambda B, A: B @ A, (b, a), u[:, :ci.numel()], ci, region)
+        torch.testing.assert_close(dB[i], db, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(dA[i], da, rtol=1e-9, atol=1e-10)
+        D = b @ a
+        want, want_out, want_e = want + p_i, want_out + (D - u @ (u.T @ D)).pow(2).sum(), want_e + D.pow(2).sum()
+    torch.testing.assert_close(penalty.detach(), want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(outside, want_out, rtol=1e-9, atol=0)
+    torch.testing.assert_close(energy, want_e, rtol=1e-10, atol=0)
+    # One layer, unstacked, gives that layer's share.
+    one = anchor_penalty_metrics(*layers[0][:3], layers[0][3], region)
+    torch.testing.assert_close(one[2], (layers[0][0] @ layers[0][1]).pow(2).sum(), rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="stack of L = 3 layers needs"):
+        anchor_penalty_metrics(B, A, U[:2], c, region)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_full_metrics_come_from_one_pass(variant, torch_backend, monkeypatch):
+    """anchor_penalty_full_metrics: the penalty over U's first c.numel() columns (value and
+    gradient as anchor_penalty_full), the energy outside span(U) over all of U's columns and
+    ||DeltaW||^2, with W, W0 and U read by one moments pass forward and one gradient pass."""
+    from safebasin.kernels import anchor_penalty_full_metrics, torch_anchor
+    W, W0, U, c = full_inputs(24, 41, 9, "safelora" if variant == "l2" else variant)
+    if variant == "l2":  # the control: no penalty columns, but a basis for the outside share
+        c = c[:0]
+    kc = c.numel()
+    region = region_of(variant)
+    calls = {"fragment_moments": 0, "fragment_grad": 0}
+    for name in calls:
+        real = getattr(torch_anchor, name)
+
+        def counted(*args, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*args, **kw)
+        monkeypatch.setattr(torch_anchor, name, counted)
+    w = W.clone().requires_grad_(True)
+    penalty, outside, energy = anchor_penalty_full_metrics(w, W0, U, c, region)
+    (dW,) = torch.autograd.grad(penalty, w)
+    assert calls == {"fragment_moments": 1, "fragment_grad": 1}
+    want, (want_dW,) = dense_penalty_and_grads(lambda W: W - W0, (W,), U[:, :kc], c, region)
+    D = W - W0
+    torch.testing.assert_close(penalty.detach(), want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(dW, want_dW, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(outside, (D - U @ (U.T @ D)).pow(2).sum(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(energy, D.pow(2).sum(), rtol=1e-12, atol=0)
+    assert not (outside.requires_grad or energy.requires_grad)
+    with pytest.raises(ValueError, match="at most k = 9"):
+        anchor_penalty_full_metrics(w, W0, U, torch.ones(10, dtype=U.dtype))
+
+
 def test_fp32_and_bf16_inputs_accumulate_in_fp32(torch_backend):
     B, A, U, c = lora_inputs(37, 29, 5, 8, "safelora")
     want = anchor_penalty(B, A, U, c)
@@ -271,6 +337,15 @@ class TestInterpreted:
         for coef in (1.0, 0.0):  # 0: the aligned control's gradient has no D term
             torch.testing.assert_close(tri.fragment_grad(w, w0, start, shape, U, M, scale, coef, block_n=16, **SMALL),
                                        ref.fragment_grad(w, w0, start, shape, U, M, scale, coef), **tol)
+        # The tensor-core setting of the full form's dots (fp32-level error) computes the same.
+        for got, want in zip(tri.fragment_moments(w, w0, start, shape, U, block_n=16, programs=4, precision="tf32x3",
+                                                  **SMALL), ref.fragment_moments(w, w0, start, shape, U)):
+            torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(tri.fragment_grad(w, w0, start, shape, U, M, scale, 1.0, block_n=16,
+                                                     precision="tf32x3", **SMALL),
+                                   ref.fragment_grad(w, w0, start, shape, U, M, scale, 1.0), **tol)
+        with pytest.raises(ValueError, match="precision 'tf32'.*'ieee', 'tf32x3'"):
+            tri.fragment_grad(w, w0, start, shape, U, M, scale, precision="tf32")
 
     @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
     @pytest.mark.parametrize("variant", VARIANTS)
@@ -291,6 +366,13 @@ class TestInterpreted:
         energy_tol = 1e-6 * (W.double() - W0.double()).pow(2).sum().item()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=energy_tol)
         torch.testing.assert_close(dW, want_dW, rtol=rtol, atol=rtol * want_dW.abs().max().item())
+        from safebasin.kernels import anchor_penalty_full_metrics
+        got_m = anchor_penalty_full_metrics(W, W0, U, c[:c.numel() // 2], region)
+        with monkeypatch.context() as patch:
+            patch.setenv(backend.ENV, "torch")
+            want_m = anchor_penalty_full_metrics(W, W0, U, c[:c.numel() // 2], region)
+        for g, w in zip(got_m, want_m):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=energy_tol)
         for lo, hi in ((0, 700), (700, W.numel())):  # fragments meeting mid-row
             args = (W.flatten()[lo:hi], W0.flatten()[lo:hi], lo, (45, 37), U, c)
             got_p, got_g = anchor_penalty_sharded(*args, region=region)
@@ -324,6 +406,9 @@ class TestInterpreted:
     def test_forced_triton_refuses_what_it_cannot_take(self):
         B, A, U, c = lora_inputs(13, 7, 3, 5, "safelora")  # float64
         with pytest.raises(TypeError, match="float64.*SAFEBASIN_KERNEL_BACKEND=torch"):
+            anchor_penalty(B, A, U, c)
+        B, A, U, c = (t.float()[None] for t in lora_inputs(13, 7, 3, 5, "safelora"))
+        with pytest.raises(ValueError, match="stack of layers runs on the reference pieces"):
             anchor_penalty(B, A, U, c)
         B, A, U, c = lora_inputs(13, 7, backend.MAX_RANK + 1, 5, "safelora", dtype=torch.float32)
         with pytest.raises(ValueError, match="rank 129"):

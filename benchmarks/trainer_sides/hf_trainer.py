@@ -17,11 +17,12 @@ for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MA
     os.environ.setdefault(key, value)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
+from side_model import load  # noqa: E402
 from padding import pad_batch  # noqa: E402  (this folder is the script's sys.path[0])
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 torch.manual_seed(spec["seed"])
-model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+model = load(spec)
 model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
                                          target_modules=spec["target_modules"], task_type="CAUSAL_LM"))
 pad = spec["pad_id"]
@@ -55,7 +56,10 @@ args = TrainingArguments(output_dir=os.path.dirname(sys.argv[3]) + "/hf_out", pe
                          lr_scheduler_type="cosine", warmup_steps=spec["warmup"], max_steps=len(spec["steps"]),
                          max_grad_norm=1.0, weight_decay=0.0, report_to=[], logging_steps=10 ** 9,
                          save_strategy="no", deepspeed=sys.argv[2], dataloader_num_workers=0, seed=spec["seed"],
-                         disable_tqdm=True, remove_unused_columns=False)
+                         disable_tqdm=True, remove_unused_columns=False,
+                         bf16=spec.get("dtype") == "bfloat16", use_cpu=spec.get("device", "cpu") == "cpu",
+                         gradient_checkpointing=bool(spec.get("gradient_checkpointing")),
+                         gradient_checkpointing_kwargs={"use_reentrant": False})
 trainer = InOrder(model=model, args=args, train_dataset=flat, data_collator=collate, callbacks=[clock])
 trainer.train()
 tokens = [sum(len(e["input_ids"]) for mb in step for e in mb) for step in spec["steps"]]

@@ -16,15 +16,17 @@ torch.set_num_threads(spec["threads"])
 from peft import LoraConfig, get_peft_model  # noqa: E402
 import math  # noqa: E402
 
+from side_model import load  # noqa: E402
 from padding import pad_batch  # noqa: E402  (this folder is the script's sys.path[0])
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 torch.manual_seed(spec["seed"])
-model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+device = torch.device(spec.get("device", "cpu"))
+model = load(spec)
 model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
                                          target_modules=spec["target_modules"], task_type="CAUSAL_LM"))
 params = [p for p in model.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                        fused=device.type == "cuda")
 total, warmup = len(spec["steps"]), spec["warmup"]
 
 
@@ -39,7 +41,7 @@ pad = spec["pad_id"]
 
 
 def collate(examples):
-    return pad_batch(examples, pad)
+    return {k: v.to(device, non_blocking=True) for k, v in pad_batch(examples, pad).items()}
 
 
 model.train()
@@ -51,7 +53,7 @@ for micro_batches in spec["steps"]:
         loss = model(**batch, use_cache=False).loss
         (loss / len(micro_batches)).backward()
         step_loss += loss.item() / len(micro_batches)
-        step_tokens += int(batch["attention_mask"].sum())
+        step_tokens += sum(len(e["input_ids"]) for e in examples)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     sched.step()

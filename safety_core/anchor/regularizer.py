@@ -85,6 +85,33 @@ class _LoraLayer(_Layer):
 
 
 @dataclass
+class _LoraGroup:
+    """Adapted layers of one shape, whose anchors are stacked once so that each step takes their
+    penalty in one batched call (a few launches for all of them, not a few dozen per layer)."""
+    index: list[int]          # positions in the regularizer's layers
+    U: torch.Tensor           # L x d_out x k
+    c: torch.Tensor           # L x (penalty columns)
+    scale: torch.Tensor       # L x 1 x 1: each layer's factor on B A
+
+
+def _lora_groups(layers: list[_LoraLayer]) -> list[_LoraGroup]:
+    by_shape: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        key = (zero3.full_shape(layer.B), zero3.full_shape(layer.A), layer.U.shape[1], layer.c.numel(),
+               str(layer.U.device))
+        by_shape.setdefault(key, []).append(i)
+    groups = []
+    for index in by_shape.values():
+        U = torch.stack([layers[i].U for i in index])
+        c = torch.stack([layers[i].c for i in index])
+        for j, i in enumerate(index):  # each layer keeps views into the stack: one copy of every U
+            layers[i].U, layers[i].c = U[j], c[j]
+        scale = torch.tensor([layers[i].scale for i in index], device=U.device).view(-1, 1, 1)
+        groups.append(_LoraGroup(index, U, c, scale))
+    return groups
+
+
+@dataclass
 class _FullLayer(_Layer):
     W: torch.nn.Parameter
     W0: torch.Tensor          # fp32; ZeRO 0-2: the whole initial weight; ZeRO-3: this rank's fragment
@@ -116,10 +143,10 @@ class AnchorRegularizer:
     Metrics per step, measured at the parameters the step's gradient is taken at:
     `anchor_penalty` = sum over layers of ||(I - C) DeltaW||^2 (before lambda), and
     `anchor_outside_share` = sum ||(I - U_k U_k^T) DeltaW||^2 / sum ||DeltaW||^2, the share of
-    the update's energy outside span(U_k) (None while DeltaW = 0). For the projector variant
-    (c = 1) the two numerators are the same; for safelora (c != 1) the outside energy is one
-    more penalty evaluation with c = 1, without gradient, except for full parameters under
-    ZeRO-3, where it is read off the penalty's own reduction (no second pass or collective).
+    the update's energy outside span(U_k) (None while DeltaW = 0). Both energies come with the
+    penalty: for full parameters from its one pass over W, W0 and U (under ZeRO-3 from its one
+    reduction); for LoRA from its small factors, with same-shape layers stacked into one
+    batched call per group.
     """
 
     def __init__(self, args: AnchorArgs, model, ds_config: dict):
@@ -133,8 +160,6 @@ class AnchorRegularizer:
         if problem:
             raise BasisError(f"anchor: {problem}")
         self.region = variants.region(self.variant)
-        # The penalty is itself the outside energy (the metric costs no second evaluation).
-        self.projector = self.variant == "projector"
         self._micro = 0
         self._pending: dict[str, torch.Tensor] = {}
         self.coverage: float | None = None  # full parameters: share of trainable parameters anchored
@@ -144,6 +169,7 @@ class AnchorRegularizer:
         if lora:
             self.layers = [self._lora_layer(path, A, B, s if args.include_lora_scaling else 1.0)
                            for path, A, B, s in lora]
+            self.groups = _lora_groups(self.layers)
         else:
             self.layers = self._full_layers(model)
             if not self.layers:
@@ -239,30 +265,31 @@ class AnchorRegularizer:
             self._strength_pending = False
         return metrics
 
-    def _ones(self, layer: _Layer) -> torch.Tensor:
-        return torch.ones(layer.U.shape[1], device=layer.U.device)
-
     # -- replicated parameters: autograd ------------------------------------------------------
 
     def _autograd_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(penalty with its graph, outside energy, update energy), summed over layers."""
-        from safebasin.kernels import anchor_penalty, anchor_penalty_full
+        from safebasin.kernels import anchor_penalty_full_metrics
+        if self.method == "lora":
+            return self._lora_terms([layer.A for layer in self.layers], [layer.B for layer in self.layers])
         total, outside, energy = 0.0, 0.0, 0.0
         for layer in self.layers:
-            if isinstance(layer, _LoraLayer):
-                B = layer.B.float() * layer.scale
-                A = layer.A.float()
-                p = anchor_penalty(B, A, layer.penalty_U, layer.c, self.region)
-                with torch.no_grad():
-                    out = p.detach() if self.projector else anchor_penalty(B, A, layer.U, self._ones(layer))
-                    e = ((B.T @ B) * (A @ A.T)).sum()
-            else:
-                W, W0 = fp32_value(layer.W), layer.W0
-                p = anchor_penalty_full(W, W0, layer.penalty_U, layer.c, self.region)
-                with torch.no_grad():
-                    out = p.detach() if self.projector else anchor_penalty_full(W, W0, layer.U, self._ones(layer))
-                    e = (W - W0).pow(2).sum()
+            # Penalty, outside share and energy from one read of W, W0 and U.
+            p, out, e = anchor_penalty_full_metrics(fp32_value(layer.W), layer.W0, layer.U, layer.c, self.region)
             # Tensors summed, not floats: no device sync per layer on the forward path.
+            total, outside, energy = total + p, outside + out, energy + e
+        return total, outside, energy
+
+    def _lora_terms(self, As: list[torch.Tensor], Bs: list[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same three sums for LoRA factors (the parameters, or ZeRO-3's gathered copies):
+        one batched penalty call per group of same-shape layers."""
+        from safebasin.kernels import anchor_penalty_metrics
+        total, outside, energy = 0.0, 0.0, 0.0
+        for g in self.groups:
+            B = torch.stack([Bs[i] for i in g.index]).float() * g.scale
+            A = torch.stack([As[i] for i in g.index]).float()
+            p, out, e = anchor_penalty_metrics(B, A, g.U, g.c, self.region)
             total, outside, energy = total + p, outside + out, energy + e
         return total, outside, energy
 
@@ -293,7 +320,6 @@ class AnchorRegularizer:
         """LoRA factors are small: gather every layer's fp32 A and B with one all-gather, take
         the penalty and its gradient by autograd on those copies (identical on every rank), and
         add each rank's slice of the gradient to its gradient partition."""
-        from safebasin.kernels import anchor_penalty
         params = [p for layer in self.layers for p in (layer.A, layer.B)]
         parts = [zero3.partition(p) for p in params]
         group, world = parts[0].group, parts[0].world
@@ -310,15 +336,7 @@ class AnchorRegularizer:
             flat = gathered[:, offset:offset + part.size].reshape(-1)[: shape[0] * shape[1]]
             full.append(flat.view(shape).clone().requires_grad_(True))
             offset += part.size
-        total, outside, energy = 0.0, 0.0, 0.0
-        for i, layer in enumerate(self.layers):
-            A, B = full[2 * i], full[2 * i + 1] * layer.scale
-            penalty = anchor_penalty(B, A, layer.penalty_U, layer.c, self.region)
-            total = total + penalty
-            with torch.no_grad():
-                outside = outside + (penalty.detach() if self.projector
-                                     else anchor_penalty(B, A, layer.U, self._ones(layer)))
-                energy = energy + ((B.T @ B) * (A @ A.T)).sum()
+        total, outside, energy = self._lora_terms(full[0::2], full[1::2])
         grads = torch.autograd.grad(total, full)
         for p, part, g in zip(params, parts, grads):
             mine = g.flatten()[part.start:part.start + part.valid]

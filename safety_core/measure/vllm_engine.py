@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from safebasin.safety_core.measure.generation import eos_ids, finish, prepare
+from safebasin.safety_core.train import architectures
 
 ALLOWED = ("hf", "vllm")
 # The LoRA ranks vLLM's kernels are built for (max_lora_rank must be one of them).
@@ -67,9 +68,12 @@ class VllmEngine:
         self.adapter = model_args.adapter
         lora_rank = vllm_lora_rank(self.adapter)
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[model_args.dtype]
+        # An arch: folder has no weights: vLLM fills its own random ones (speed runs only; its
+        # answers are not the hf engine's).
+        weights = {"load_format": "dummy"} if architectures.is_random(path) else {}
         self.llm = LLM(model=path, tokenizer=path, dtype=dtype, seed=0, enable_lora=self.adapter is not None,
                        max_lora_rank=lora_rank or 16, gpu_memory_utilization=gpu_memory_utilization,
-                       max_model_len=max_model_len, trust_remote_code=model_args.trust_remote_code)
+                       max_model_len=max_model_len, trust_remote_code=model_args.trust_remote_code, **weights)
         try:
             self.generation_config = GenerationConfig.from_pretrained(path)
         except OSError:  # a model folder without generation_config.json: the tokenizer's eos only

