@@ -88,7 +88,9 @@ def dev_eval(settings, layout: smollm2.Layout, adapter: Path, dev_task: Path, ou
                "runtime": {"threads": threads}}
         summaries[part] = run("eval", cfg, out / f"{part}.yaml", threads)
         records[part] = [json.loads(x) for x in (out / part / "eval_records.jsonl").read_text().splitlines() if x]
-    row = smollm2_report.dev_numbers(records["dev"], records["dev_benign"], s.prefill_k)
+    # The dev part holds the task's records too; the dev numbers read its harmful prompts only.
+    harmful = [r for r in records["dev"] if r.get("set") == "harmful"]
+    row = smollm2_report.dev_numbers(harmful, records["dev_benign"], s.prefill_k)
     return {**row, "dev_task_accuracy": summaries["dev"]["task_accuracy"]}
 
 
