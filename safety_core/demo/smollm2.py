@@ -92,7 +92,9 @@ class Smollm2Settings(Section):
     restore_probes: int = Field(12, ge=1)
     restore_retain: int = Field(32, ge=4, description="|D_retain1| = |D_retain2| (SST-2 train records)")
     restore_batch: int = Field(8, ge=1)
-    restore_eps: float = Field(0.05, gt=0)
+    # Chosen on the development data (benchmarks/restore_dev.py, seed 0 of the deep model): 0.025
+    # is the budget whose dev SST-2 accuracy stays within 0.03 of the attacked adapter's (0.05: -0.05).
+    restore_eps: float = Field(0.025, gt=0)
     max_new_tokens: int = Field(32, ge=1)
     task_max_new_tokens: int = Field(4, ge=1)
     prefill_k: int = Field(8, ge=1)
