@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from safebasin.safety_core.anchor.regularizer import AnchorArgs
-from safebasin.safety_core.args import Section
+from safebasin.safety_core.args import Section, section_type
 from safebasin.safety_core.measure.evaluation import EvalArgs
 from safebasin.safety_core.measure.landscape_job import LandscapeJobArgs
 from safebasin.safety_core.restore.config import RestoreArgs
@@ -122,19 +122,8 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         field = current.model_fields.get(part)
         if field is None:
             return None
-        current = _section_type(field.annotation)
+        current = section_type(field.annotation)
     return current
-
-
-def _section_type(annotation) -> type[BaseModel] | None:
-    import typing
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def describe(err: ValidationError, schema: type[BaseModel] = None) -> list[str]:

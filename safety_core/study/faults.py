@@ -7,9 +7,9 @@ the project.
 from __future__ import annotations
 
 import difflib
-import typing
 
 from pydantic import BaseModel, ValidationError
+from safebasin.safety_core.args import section_type
 
 
 def describe(err: ValidationError, root: type[BaseModel]) -> list[str]:
@@ -42,15 +42,5 @@ def _owner(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
         field = current.model_fields.get(str(part))
         if field is None:
             continue  # the name of an entry in a mapping (stages.lora), or a list index
-        current = _section(field.annotation)
+        current = section_type(field.annotation)
     return current
-
-
-def _section(annotation) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _section(arg)
-        if found is not None:
-            return found
-    return None
