@@ -26,30 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
 from safebasin.safety_core.demo import smollm2, smollm2_data, smollm2_report
 
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_attack_dev import run  # noqa: E402  (the resumable job runner both sweeps use)
+
 DEV_TASK = 200  # SST-2 train records for the development accuracy
-
-
-def run(command: str, cfg: dict, path: Path, threads: int) -> dict:
-    done = Path(cfg["output"]["dir"]) / "results.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    res = subprocess.run([sys.executable, "-m", "safebasin.launcher.cli", command, str(path)],
-                         capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        raise SystemExit(f"{command} {path} failed:\n{res.stderr[-3000:]}")
-    return json.loads(done.read_text())
 
 
 def write_dev_task(settings, layout: smollm2.Layout, out: Path) -> Path:

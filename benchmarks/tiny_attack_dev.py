@@ -33,14 +33,14 @@ SETTINGS = [  # (fraction, lr, steps)
 ]
 
 
-def run(command: str, cfg: dict, path: Path) -> dict:
+def run(command: str, cfg: dict, path: Path, threads: int = 1) -> dict:
     done = Path(cfg["output"]["dir"]) / "results.json"
     if done.is_file():  # a finished job of an earlier invocation (the sweep resumes)
         return json.loads(done.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     res = subprocess.run([sys.executable, "-m", "safebasin.launcher.cli", command, str(path)],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     if res.returncode != 0:
         raise SystemExit(f"{command} {path} failed:\n{res.stderr[-3000:]}")
     return json.loads((Path(cfg["output"]["dir"]) / "results.json").read_text())
