@@ -17,6 +17,7 @@ import torch
 import yaml
 from conftest import REPO, safebasin_cli
 from safebasin.launcher.config import ConfigError, build
+from safebasin.safety_core.anchor import variants
 from safebasin.safety_core.anchor.basis import BasisError, extract_basis, load_basis
 from safebasin.safety_core.anchor.regularizer import AnchorArgs, AnchorRegularizer
 from safebasin.safety_core.anchor.safe_lora import project_adapter
@@ -454,12 +455,13 @@ def test_cli_align_basis_and_safe_lora_project(tmp_path, aligned_pair, adapter_d
 # The controls (l2, aligned), the scale-free safelora-normalized, and the anchor's scale
 
 
-def dense_variant(delta: torch.Tensor, U: torch.Tensor, c: torch.Tensor, variant: str) -> torch.Tensor:
+def dense_variant(delta: torch.Tensor, U: torch.Tensor, c: torch.Tensor, variant: str,
+                  layer: str = "") -> torch.Tensor:
     """The variant's penalty with C materialised in float64 from the basis's stored c."""
     d = delta.double()
     if variant == "l2":
         return d.pow(2).sum()
-    U, c = U.double(), c.double()
+    U, c = variants.directions(variant, layer, U.double()), c.double()
     if variant in ("safelora-normalized", "aligned"):
         c = c / c.max()
     C = U @ torch.diag(c) @ U.T
@@ -467,7 +469,7 @@ def dense_variant(delta: torch.Tensor, U: torch.Tensor, c: torch.Tensor, variant
 
 
 CONTROL_CASES = [("safelora-normalized", "safelora"), ("aligned", "safelora"), ("aligned", "projector"),
-                 ("l2", "projector"), ("l2", None)]
+                 ("random-subspace", "safelora"), ("l2", "projector"), ("l2", None)]
 
 
 @pytest.mark.parametrize("variant,basis_kind", CONTROL_CASES)
@@ -503,8 +505,9 @@ def test_variant_regularizer_matches_the_dense_formula(aligned_pair, basis_dir, 
     basis = load_basis(path) if path is not None else None
     dense = 0.0
     for name, delta in deltas:
-        lb = basis.layer(basis.match(name)) if basis is not None else None
-        dense = dense + dense_variant(delta, lb.U if lb else None, lb.c if lb else None, variant)
+        key = basis.match(name) if basis is not None else None
+        lb = basis.layer(key) if basis is not None else None
+        dense = dense + dense_variant(delta, lb.U if lb else None, lb.c if lb else None, variant, key)
     expected = torch.autograd.grad(dense, params)
     added = reg.loss(model)
     torch.testing.assert_close(added.double(), 3 * 0.7 * dense.detach(), rtol=1e-5, atol=0)
@@ -513,6 +516,30 @@ def test_variant_regularizer_matches_the_dense_formula(aligned_pair, basis_dir, 
     metrics = reg.before_step(engine=None)
     assert metrics["anchor_penalty"] == pytest.approx(float(dense.detach()), rel=1e-5)
     assert (metrics["anchor_outside_share"] is None) == (path is None)
+
+
+def test_random_subspace_keeps_the_spectrum_on_other_directions(safelora_basis_dir):
+    """The control for "any subspace of that size": per layer an orthonormal Q of U's shape, the
+    same on every call (so on every rank and run), nearly orthogonal to the alignment span, with
+    safelora's c; an update inside span(U) that safelora spares is penalised by it almost as L2."""
+    basis = load_basis(safelora_basis_dir)
+    name = basis.names[0]
+    lb = basis.layer(name)
+    q = variants.directions("random-subspace", name, lb.U)
+    assert q.shape == lb.U.shape and q.dtype == lb.U.dtype
+    torch.testing.assert_close(q.T @ q, torch.eye(q.shape[1]), atol=1e-5, rtol=0)
+    assert torch.equal(q, variants.directions("random-subspace", name, lb.U.clone()))
+    assert not torch.equal(q, variants.directions("random-subspace", basis.names[1], lb.U))
+    assert torch.equal(variants.directions("safelora", name, lb.U), lb.U)
+    # overlap of two k-dim subspaces of R^d: E ||U^T Q||_F^2 = k^2 / d for a random Q
+    d, k = lb.U.shape
+    assert float((lb.U.T @ q).pow(2).sum()) < 3 * k * k / d + 0.5
+    inside = lb.U[:, :1] @ torch.randn(1, lb.shape[1], dtype=lb.U.dtype)
+    spared = dense_variant(inside, lb.U, lb.c, "safelora", name)
+    control = dense_variant(inside, lb.U, lb.c, "random-subspace", name)
+    assert control > spared and control > 0.5 * inside.double().pow(2).sum()
+    assert variants.compatibility_problem("random-subspace", "projector").startswith(
+        "variant 'random-subspace' needs a safelora basis")
 
 
 def test_variant_config_is_validated(basis_dir, safelora_basis_dir):

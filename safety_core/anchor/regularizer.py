@@ -40,8 +40,8 @@ class AnchorArgs(Section):
     basis: str | None = Field(None, description="a folder written by `safebasin align-basis` (required "
                               "except for variant l2, where it only adds the outside-share metric)")
     variant: str | None = Field(None, pattern="^(" + "|".join(variants.VARIANTS) + ")$",
-                                description="safelora, safelora-normalized, projector (anchors), aligned, "
-                                "l2 (controls); default: the basis's own variant")
+                                description="safelora, safelora-normalized, projector (anchors), "
+                                "random-subspace, aligned, l2 (controls); default: the basis's own variant")
     lam: float = Field(1.0, alias="lambda", ge=0.0, description="weight of the anchor penalty")
     include_lora_scaling: bool = Field(False, description="LoRA: penalise (alpha/r) B A instead "
                                        "of B A (off, as in the AsFT reference code, so its lambda "
@@ -202,7 +202,8 @@ class AnchorRegularizer:
         if tuple(lb.shape) != (d_out, d_in):
             raise BasisError(f"layer {path!r} has shape ({d_out}, {d_in}) but its basis layer "
                              f"{name!r} has {list(lb.shape)}")
-        return lb.U.to(device, torch.float32), variants.weights(self.variant, lb.c.to(device, torch.float32))
+        return (variants.directions(self.variant, name, lb.U.to(device, torch.float32)),
+                variants.weights(self.variant, lb.c.to(device, torch.float32)))
 
     def _lora_layer(self, path, A, B, scale) -> _LoraLayer:
         (_, d_in), (d_out, _) = zero3.full_shape(A), zero3.full_shape(B)

@@ -6,6 +6,9 @@ strength (with the warning when the anchor is close to plain L2 shrinkage).
     safelora-normalized  the same with c_i = sigma_i^2 / sigma_1^2 (the strongest direction weighs
                          1), rescaled from a safelora basis at load time
     projector            ||(I - C) DeltaW||^2, c_i = 1 (a projector basis)
+    random-subspace      ||(I - Q diag(c) Q^T) DeltaW||^2: safelora's c on a random orthonormal Q of
+                         the same size, per layer; the control for "any subspace with that
+                         spectrum" (does the alignment direction matter, or only how much is spared?)
     aligned              ||C DeltaW||^2 with c / c_max: the AsFT paper's reverse control, which
                          penalises the update inside the alignment span
     l2                   ||DeltaW||^2 (C = 0): the control for shrinkage; needs no basis
@@ -13,7 +16,9 @@ strength (with the warning when the anchor is close to plain L2 shrinkage).
 Why a load-time rescaling for safelora-normalized rather than another basis: U is the same, and
 safelora's c_i = e_i / ||V||_F makes c / c_1 = e_i / e_1 exactly, so one extracted basis serves
 safelora, its normalized form and the aligned control, and a frontier compares them on the very
-same directions. `aligned` normalises too: for ||C DeltaW||^2 a common factor of c only rescales
+same directions. `random-subspace` swaps U for a random orthonormal Q at load time, from a
+generator seeded by the layer's name alone: every rank and every run of a study draws the same Q,
+so it is one fixed control, comparable across seeds and lambdas. `aligned` normalises too: for ||C DeltaW||^2 a common factor of c only rescales
 lambda (by its square), so with max c = 1 its lambda is on the scale of l2's (the aligned
 penalty is at most the l2 penalty at the same lambda).
 
@@ -27,13 +32,14 @@ from __future__ import annotations
 
 import statistics
 import warnings
+import zlib
 
 import torch
 
-VARIANTS = ("safelora", "safelora-normalized", "projector", "aligned", "l2")
+VARIANTS = ("safelora", "safelora-normalized", "projector", "random-subspace", "aligned", "l2")
 # The basis variant (manifest "variant") each anchor variant reads; None: any, or none at all.
 BASIS_OF = {"safelora": "safelora", "safelora-normalized": "safelora", "projector": "projector",
-            "aligned": None, "l2": None}
+            "random-subspace": "safelora", "aligned": None, "l2": None}
 # Below this bound on how much the outside penalty departs from plain L2 in any direction
 # (max 2c - c^2), the anchor cannot steer an update: the training warns.
 NEAR_L2 = 0.1
@@ -68,6 +74,19 @@ def weights(variant: str, c: torch.Tensor) -> torch.Tensor:
     if variant in ("safelora-normalized", "aligned") and c.numel():
         return c / c.max()
     return c
+
+
+def directions(variant: str, layer: str, U: torch.Tensor) -> torch.Tensor:
+    """The orthonormal columns a variant's C is built on: the basis's U, or for random-subspace a
+    random Q of U's shape (QR of a Gaussian, drawn in float64 on the CPU from a generator seeded
+    by the layer's name, so that it is the same on every rank, device and run)."""
+    if variant != "random-subspace" or U.shape[1] == 0:
+        return U
+    gen = torch.Generator().manual_seed(zlib.crc32(layer.encode()))
+    q, r = torch.linalg.qr(torch.randn(U.shape, generator=gen, dtype=torch.float64))
+    # Signs fixed by R's diagonal: the Haar-distributed Q, not one that depends on the QR routine.
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.to(U.device, U.dtype)
 
 
 def strength(variant: str, lam: float, cs: list[torch.Tensor], dims: list[int]) -> tuple[str, str | None]:
