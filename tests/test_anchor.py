@@ -464,12 +464,14 @@ def dense_variant(delta: torch.Tensor, U: torch.Tensor, c: torch.Tensor, variant
     U, c = variants.directions(variant, layer, U.double()), c.double()
     if variant in ("safelora-normalized", "aligned"):
         c = c / c.max()
+    if variant == "projector":
+        c = torch.ones_like(c)
     C = U @ torch.diag(c) @ U.T
     return (C @ d).pow(2).sum() if variant == "aligned" else (d - C @ d).pow(2).sum()
 
 
 CONTROL_CASES = [("safelora-normalized", "safelora"), ("aligned", "safelora"), ("aligned", "projector"),
-                 ("random-subspace", "safelora"), ("l2", "projector"), ("l2", None)]
+                 ("random-subspace", "safelora"), ("projector", "safelora"), ("l2", "projector"), ("l2", None)]
 
 
 @pytest.mark.parametrize("variant,basis_kind", CONTROL_CASES)

@@ -202,6 +202,10 @@ class AnchorRegularizer:
         if tuple(lb.shape) != (d_out, d_in):
             raise BasisError(f"layer {path!r} has shape ({d_out}, {d_in}) but its basis layer "
                              f"{name!r} has {list(lb.shape)}")
+        if self.variant == "projector" and lb.U.shape[1] >= d_out:
+            raise BasisError(f"anchor.variant projector: basis layer {name!r} keeps all {d_out} output "
+                             f"directions, so I - U U^T = 0 anchors nothing; extract the basis with a "
+                             f"smaller --rank")
         return (variants.directions(self.variant, name, lb.U.to(device, torch.float32)),
                 variants.weights(self.variant, lb.c.to(device, torch.float32)))
 

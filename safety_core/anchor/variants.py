@@ -5,7 +5,7 @@ strength (with the warning when the anchor is close to plain L2 shrinkage).
     safelora             ||(I - C) DeltaW||^2, c_i = sigma_i^2 / ||V||_F as stored (AsFT code)
     safelora-normalized  the same with c_i = sigma_i^2 / sigma_1^2 (the strongest direction weighs
                          1), rescaled from a safelora basis at load time
-    projector            ||(I - C) DeltaW||^2, c_i = 1 (a projector basis)
+    projector            ||(I - C) DeltaW||^2, c_i = 1 (a projector basis, or a safelora one's U)
     random-subspace      ||(I - Q diag(c) Q^T) DeltaW||^2: safelora's c on a random orthonormal Q of
                          the same size, per layer; the control for "any subspace with that
                          spectrum" (does the alignment direction matter, or only how much is spared?)
@@ -15,8 +15,8 @@ strength (with the warning when the anchor is close to plain L2 shrinkage).
 
 Why a load-time rescaling for safelora-normalized rather than another basis: U is the same, and
 safelora's c_i = e_i / ||V||_F makes c / c_1 = e_i / e_1 exactly, so one extracted basis serves
-safelora, its normalized form and the aligned control, and a frontier compares them on the very
-same directions. `random-subspace` swaps U for a random orthonormal Q at load time, from a
+safelora, its normalized form, the projector on its U and the aligned control, and a frontier
+compares them on the very same directions. `random-subspace` swaps U for a random orthonormal Q at load time, from a
 generator seeded by the layer's name alone: every rank and every run of a study draws the same Q,
 so it is one fixed control, comparable across seeds and lambdas. `aligned` normalises too: for ||C DeltaW||^2 a common factor of c only rescales
 lambda (by its square), so with max c = 1 its lambda is on the scale of l2's (the aligned
@@ -37,9 +37,9 @@ import zlib
 import torch
 
 VARIANTS = ("safelora", "safelora-normalized", "projector", "random-subspace", "aligned", "l2")
-# The basis variant (manifest "variant") each anchor variant reads; None: any, or none at all.
-BASIS_OF = {"safelora": "safelora", "safelora-normalized": "safelora", "projector": "projector",
-            "random-subspace": "safelora", "aligned": None, "l2": None}
+# The basis variants (manifest "variant") each anchor variant reads; None: any, or none at all.
+BASIS_OF = {"safelora": ("safelora",), "safelora-normalized": ("safelora",), "projector": ("projector", "safelora"),
+            "random-subspace": ("safelora",), "aligned": None, "l2": None}
 # Below this bound on how much the outside penalty departs from plain L2 in any direction
 # (max 2c - c^2), the anchor cannot steer an update: the training warns.
 NEAR_L2 = 0.1
@@ -61,9 +61,9 @@ def compatibility_problem(variant: str, basis_variant: str | None) -> str | None
     if basis_variant is None:
         return None if variant == "l2" else f"variant {variant!r} needs a basis (only 'l2' runs without one)"
     want = BASIS_OF[variant]
-    if want is not None and basis_variant != want:
-        return (f"variant {variant!r} needs a {want} basis, but the basis was extracted as {basis_variant!r} "
-                f"(`safebasin align-basis --variant {want}`)")
+    if want is not None and basis_variant not in want:
+        return (f"variant {variant!r} needs a {' or '.join(want)} basis, but the basis was extracted as "
+                f"{basis_variant!r} (`safebasin align-basis --variant {want[0]}`)")
     return None
 
 
@@ -73,6 +73,8 @@ def weights(variant: str, c: torch.Tensor) -> torch.Tensor:
         return c[:0]
     if variant in ("safelora-normalized", "aligned") and c.numel():
         return c / c.max()
+    if variant == "projector":  # a projector basis stores 1s; a safelora basis lends its U
+        return torch.ones_like(c)
     return c
 
 
