@@ -97,7 +97,7 @@ def study_overrides(overrides: list[str], study_file: Path = TINY) -> list[str]:
             out.append(text)
         else:
             organism = "SmolLM2" if smollm2 else "tiny"
-            names = knobs + (sorted(SMOLLM2_KNOBS) if smollm2 else ["frontier"])
+            names = knobs + (sorted(set(SMOLLM2_KNOBS) - set(knobs)) if smollm2 else ["frontier"])
             problems.append(f"{key}: no knob of the {organism} organism; knobs: {', '.join(names)} "
                             f"(e.g. attack.fraction=0.5), or a key of {study_file.name}: {', '.join(STUDY_KEYS)}")
     if problems:
