@@ -42,8 +42,8 @@ class LauncherJobs:
 def execute(file, overrides: list[str], preset: str | None, args, *, markers: tuple[str, ...] = (),
             what: str = "study"):
     """Run (or --plan, --resume, --combine) a study file with the run options of `args` (out,
-    seeds, resume, combine, overwrite, nproc, plan): (study, output folder, result; None with
-    --plan). `markers`: other marker files whose folders --overwrite may move aside too (the
+    seeds, resume, combine, overwrite, nproc, plan, stages): (study, output folder, result; None
+    with --plan). `markers`: other marker files whose folders --overwrite may move aside too (the
     demo's). A refused study is a ConfigError listing every fault, before any job starts."""
     import torch
     from safebasin.safety_core.study import plan as plan_mod
@@ -55,6 +55,11 @@ def execute(file, overrides: list[str], preset: str | None, args, *, markers: tu
     try:
         study, raw = spec.read(file, overrides, preset)
         plan = plan_mod.check(study)
+        stages = getattr(args, "stages", None)
+        if stages:
+            if combine:
+                raise ConfigError(["--stages runs stages; --combine joins the stages its folders ran"])
+            plan = plan_mod.select(plan, [n.strip() for n in stages.split(",") if n.strip()])
         out = Path(out or f"runs/{study.name}")
         uri = TrackingArgs().resolved_uri()
         folder_markers = (runner.MARKER, *markers)
@@ -107,7 +112,7 @@ def show(study, result: dict, out: Path, *, command: str, holds: str, nproc: int
             print(f"  {sentence}")
     if several:
         for seed, found in result["per_seed_checks"].items():
-            failed = [k for k, c in found.items() if not c["ok"]]
+            failed = [k for k, c in found.items() if c["ok"] is False]
             print(f"  seed {seed}: " + ("every check holds" if not failed else "fails " + ", ".join(failed)))
     verdict = holds if result["all_checks_hold"] else "NOT every check holds"
     ranks = f" on {nproc} rank(s)" if nproc is not None else ""
@@ -134,6 +139,12 @@ def cmd_study(args) -> int:
     return 3 if args.check and not result["all_checks_hold"] else 0
 
 
+def add_stages_arg(p) -> None:
+    p.add_argument("--stages", default=None, metavar="LIST", help="e.g. lora,restored: run only these stages "
+                   "and the stages they read (a finished one is kept with --resume); the checks over stages "
+                   "that did not run are reported as not evaluated")
+
+
 def register(sub) -> None:
     p = sub.add_parser("study", help="run a study file: models, data, stages (job configs of the commands "
                        "above), evaluation suites, checks and plots (see README, Studies)")
@@ -153,6 +164,7 @@ def register(sub) -> None:
     p.add_argument("--check", action="store_true", help="exit with status 3 when a check fails (on the means)")
     p.add_argument("--preset", default=None, help="merge the study's presets.NAME over it (e.g. quick)")
     p.add_argument("--plan", action="store_true", help="validate the study and print its stage order; run nothing")
+    add_stages_arg(p)
     p.add_argument("--nproc", type=int, default=1, help="ranks for the train, restore and eval jobs")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results JSON here")
     p.set_defaults(func=cmd_study)

@@ -99,37 +99,49 @@ def test_expressions_cannot_run_code():
 
 
 @pytest.mark.parametrize("preset", [None, "reduced"])
-def test_smollm2_study_configs_are_the_organisms(preset, tmp_path, shared_data):
-    """Every job the SmolLM2 study resolves is the job `safebasin demo --organism smollm2` runs
-    (the base model aside: the organism links the converted folder as base/model), and so are its
-    four evaluations."""
-    from safebasin.launcher.demo_smollm2 import load_settings
-    from safebasin.safety_core.demo import smollm2
-    from safebasin.safety_core.study.seed import eval_job
+def test_smollm2_study_resolves_the_organisms_settings(preset, tmp_path, shared_data):
+    """The SmolLM2 study's jobs carry the organism's chosen settings (docs/results.md): restoration
+    at the dev-chosen eps 0.025, alignment of every linear module, the attack's lr and steps, the
+    reduced preset's fewer steps and prompts; the dev suites measure the aligned model only."""
     study, _ = spec.read(SMOLLM2, [f"vars.data.dir={shared_data}"], preset)
     r = runner.prepare(plan_mod.check(study), [0], tmp_path, LauncherJobs(1))[0]
-    settings = load_settings(preset == "reduced", [f"data.dir={shared_data}"])
-    layout = smollm2.Layout(r.root)
-    ours = {"aligned": smollm2.aligned_config(settings, layout, {}),
-            **{name: smollm2.attack_config(settings, layout, name, {}) for name in ("lora", "asft", "l2", "lora_benign")},
-            **{name: smollm2.restore_config(settings, layout, {}, name) for name in smollm2.RESTORES}}
+    reduced = preset == "reduced"
+    assert {name: r.stages[name]["restore"]["eps"] for name in ("restored", "restored_first_order",
+                                                                 "restored_benign")} == dict.fromkeys(
+        ("restored", "restored_first_order", "restored_benign"), 0.025)
+    assert r.stages["restored_first_order"]["restore"]["curvature_sources"] == "none"
+    assert r.stages["restored"]["restore"]["iterations"] == (1 if reduced else 3)
+    assert r.stages["aligned"]["method"] == {"type": "full", "trainable": [
+        "q_proj.", "k_proj.", "v_proj.", "o_proj.", "gate_proj.", "up_proj.", "down_proj."]}
+    assert r.stages["aligned"]["train"]["max_steps"] == (24 if reduced else 160)
+    for name in ("lora", "asft", "l2", "lora_benign"):
+        train = r.stages[name]["train"]
+        assert (train["lr"], train["max_steps"], train["warmup_steps"]) == ((1e-3, 12, 1) if reduced else (1e-3, 40, 4))
+        assert r.stages[name]["method"]["target_modules"] == ["q_proj", "v_proj"] and r.stages[name]["data"]["seed"] == 1
+    assert r.stages["asft"]["anchor"] == {"basis": str(r.root / "basis"), "lambda": 10.0}
+    assert r.stages["l2"]["anchor"]["variant"] == "l2" and r.stages["basis"]["rank"] == 8
+    assert r.data["builders"]["organism"][1]["advbench"] == (24 if reduced else 100)
+    assert study.evals["dev"].stages == study.evals["dev_benign"].stages == ["aligned"]
+    assert r.suites["main"]["eval"]["prefill_k"] == [8] and r.suites["main"]["eval"]["max_new_tokens"] == (
+        24 if reduced else 32)
 
-    def norm(cfg):
-        d = build(cfg).model_dump(mode="json", by_alias=True)
-        d.pop("tracking"), d.pop("output")
-        return json.dumps(d, sort_keys=True).replace(str(layout.stage("base") / "model"), "builtin:smollm2-135m-instruct")
-    for name, cfg in ours.items():
-        assert norm(r.stages[name]) == norm(cfg), name
-    assert r.stages["basis"]["modules"] == list(settings.target_modules) and r.stages["basis"]["rank"] == settings.basis_rank
-    assert r.stages["safe_lora"]["threshold"] == settings.safe_lora_threshold
-    for part, suite in (("main", "main"), ("benign", "benign"), ("dev", "dev"), ("dev_benign", "dev_benign")):
-        stage = "lora" if part in ("main", "benign") else "aligned"
-        model_args = {"path": r.scope["stages"][stage]["model"]}
-        if stage == "lora":
-            model_args["adapter"] = r.scope["stages"][stage]["adapter"]
-        model, job = eval_job(r.suites[suite], model_args)
-        theirs = smollm2.eval_configs(settings, layout, stage)[part]
-        assert norm({"model": model, **job}) == norm(theirs), part
+
+def test_stages_runs_the_named_stages_and_what_they_read():
+    """--stages: the plan cut to the named stages and the stages they read, in order; a check
+    over a stage that did not run is not evaluated (ok None), and it fails no run."""
+    from safebasin.safety_core.study import report
+    plan = plan_mod.check(spec.read(SMOLLM2)[0])
+    cut = plan_mod.select(plan, ["safe_lora", "restored"])
+    assert cut.order == ["base", "aligned", "basis", "lora", "safe_lora", "restored"]
+    assert cut.evaluated == ["base", "aligned", "lora", "safe_lora", "restored"] and "asft" not in cut.suites
+    with pytest.raises(StudyError, match="--stages: no stage named 'safe-lora'; stages: base, aligned"):
+        plan_mod.select(plan, ["safe-lora"])
+    row = {"hrr": 0.6, "prefill_asr": 0.4, "over_refusal": 0.1, "task_accuracy": 0.8, "degenerate": 0.0}
+    found = report.checks(plan.study, {"aligned": dict(row, hrr=0.02), "lora": row})
+    assert found["attack erodes safety"]["ok"] is True and found["asft keeps safety"]["ok"] is None
+    assert report.all_hold(found) and "[-] asft keeps safety" in report.check_lines(found)
+    found = report.checks(plan.study, {"aligned": dict(row, hrr=0.5), "lora": row})
+    assert not report.all_hold(found)
 
 
 def test_tiny_study_prints_the_demos_report(tmp_path, mlflow_uri):

@@ -45,7 +45,7 @@ DATA_BUILDERS = {
         _smollm2_organism, ("safety", "benign", "benign_heldout", "task", "task_eval", "comply", "forget",
                             "advbench", "benign_task", "dev_harmful", "dev_benign"),
         "the SmolLM2 organism's sets from the shared public data (safety_core/demo/smollm2_data.py); args: "
-        "dir (the shared data folder), the counts of safety_core/demo/smollm2.py's data section, seed"),
+        "dir (the shared data folder), the counts of examples/studies/smollm2.yaml's vars.data, seed"),
 }
 
 

@@ -7,7 +7,7 @@ May import the study's spec, expr, metrics, sweep and builders modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from safebasin.safety_core.study import expr, metrics, sweep
 from safebasin.safety_core.study.builders import DATA_BUILDERS, builder_problem
@@ -191,6 +191,26 @@ def check(study: Study) -> Plan:
     if problems:
         raise StudyError(problems)
     return Plan(study, order, deps, data_names, stage_metrics, evaluated, stages, points, suites_of)
+
+
+def select(plan: Plan, names: list[str]) -> Plan:
+    """The plan cut to the named stages and every stage they read, in the same order (--stages):
+    the rest is neither run nor evaluated, and a sweep's points run only with the whole study.
+    A name no stage has is refused, naming the stages there are."""
+    unknown = [n for n in names if n not in plan.study.stages]
+    if unknown:
+        raise StudyError([f"--stages: no stage named {n!r}; stages: {', '.join(plan.study.stages)}" for n in unknown])
+    keep: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo += plan.deps[name]
+    return replace(plan, order=[n for n in plan.order if n in keep], points={},
+                   evaluated=[n for n in plan.evaluated if n in keep],
+                   metrics={n: m for n, m in plan.metrics.items() if n in keep},
+                   suites={n: s for n, s in plan.suites.items() if n in keep})
 
 
 def _suite_metrics(study: Study, name: str) -> list[str]:

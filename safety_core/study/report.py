@@ -43,10 +43,16 @@ def means(agg: dict) -> dict:
 
 def checks(study: Study, stages: dict) -> dict[str, dict]:
     """{name: {ok, rule, value}}: each rule judged on `stages`; value is the rule's headline (the
-    first non-constant side of its first comparison). A rule reading a missing number fails."""
+    first non-constant side of its first comparison). A rule reading a missing number fails; one
+    reading a stage with no row at all (not run: --stages) is not evaluated, ok None."""
     out = {}
     for name, rule in study.checks.items():
         tree = expr.parse(rule)
+        read = {args[0].id for fn, args in expr.calls(tree)
+                if fn not in expr.FUNCTIONS and isinstance(args[0], expr.ast.Name)}
+        if read - set(stages):
+            out[name] = {"ok": None, "rule": rule, "value": None}
+            continue
 
         def metric(fn, args):
             value = stages.get(args[0].id, {}).get(fn)
@@ -87,8 +93,14 @@ def table(study: Study, stages: dict, sd: dict | None = None, caption: str = "")
 
 
 def check_lines(found: dict[str, dict]) -> str:
-    return "\n".join(f"  [{'x' if c['ok'] else ' '}] {name}: {c['rule']} ({_fmt(c['value'])})"
+    return "\n".join(f"  [-] {name}: {c['rule']} (not evaluated: a stage it reads did not run)" if c["ok"] is None
+                     else f"  [{'x' if c['ok'] else ' '}] {name}: {c['rule']} ({_fmt(c['value'])})"
                      for name, c in found.items())
+
+
+def all_hold(found: dict[str, dict]) -> bool:
+    """Every evaluated check holds (a check over a stage that did not run is left out)."""
+    return all(c["ok"] for c in found.values() if c["ok"] is not None)
 
 
 def anchor_verdict(stages: dict, method: str = "asft", control: str = "l2",

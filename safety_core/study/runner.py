@@ -81,7 +81,7 @@ def finish(plan: Plan, per_seed: dict, seconds: dict, run_ids: dict, out: Path, 
     found = report.checks(study, stages)
     first = next(iter(per_seed))
     result = {"study": study.name, "seeds": list(per_seed), "stages": stages, "aggregate": agg,
-              "checks": found, "all_checks_hold": all(c["ok"] for c in found.values()),
+              "checks": found, "all_checks_hold": report.all_hold(found),
               "verdicts": {name: report.verdict(v, stages) for name, v in study.verdicts.items()},
               "caption": resolve(plan, first, seed_folder(out.resolve(), first)).caption,
               "per_seed": per_seed, "per_seed_checks": {s: report.checks(study, st) for s, st in per_seed.items()},
