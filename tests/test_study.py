@@ -126,6 +126,26 @@ def test_smollm2_study_resolves_the_organisms_settings(preset, tmp_path, shared_
         24 if reduced else 32)
 
 
+def test_smollm2_frontier_sweeps_put_every_arm_on_one_basis(tmp_path, shared_data):
+    """The anchoring frontier (off by default): 5 arms x 5 lambdas per regime, every arm on the
+    same basis stage, the reference regime at 10% harmful / lr 1e-4 / 80 steps with the rest of
+    the attack unchanged, measured by the reduced suite (50 AdvBench prompts, 100 SST-2)."""
+    on = ["sweeps.frontier.enabled=true", "sweeps.frontier_reference.enabled=true"]
+    study, _ = spec.read(SMOLLM2, [f"vars.data.dir={shared_data}", *on], None)
+    plan = plan_mod.check(study)
+    assert len(plan.points) == 50
+    r = runner.prepare(plan, [0], tmp_path, LauncherJobs(1))[0]
+    arms = {"safelora", "l2", "aligned", "random-subspace", "projector"}
+    assert {r.stages[f"frontier-{a}-100"]["anchor"]["variant"] for a in arms} == arms
+    assert {r.stages[f"frontier_reference-{a}-1"]["anchor"]["basis"] for a in arms} == {str(r.root / "basis")}
+    strong, ref = r.stages["frontier-l2-10"], r.stages["frontier_reference-l2-10"]
+    assert strong["data"] == r.stages["lora"]["data"] and strong["train"] == r.stages["lora"]["train"]
+    assert ref["data"]["harmful_mix"]["fraction"] == 0.1 and ref["data"]["train"] == strong["data"]["train"]
+    assert (ref["train"]["lr"], ref["train"]["max_steps"], ref["train"]["warmup_steps"]) == (1e-4, 80, 8)
+    assert r.suites["frontier"]["eval"]["harmful"]["limit"] == 50 and r.suites["frontier"]["eval"]["task"]["limit"] == 100
+    assert not plan_mod.check(spec.read(SMOLLM2, [f"vars.data.dir={shared_data}"], None)[0]).points
+
+
 def test_stages_runs_the_named_stages_and_what_they_read():
     """--stages: the plan cut to the named stages and the stages they read, in order; a check
     over a stage that did not run is not evaluated (ok None), and it fails no run."""
