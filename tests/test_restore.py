@@ -282,6 +282,20 @@ def test_rejected_steps_leave_the_weights_bit_identical(tmp_path, tiny_model_dir
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_direction_that_lowers_the_forget_loss_ends_the_loop(tmp_path, tiny_model_dir, adapter_dir, monkeypatch):
+    """At iteration 2 a huge pull back mu (theta - theta_ft) turns d against the forget gradient:
+    the loop stops before trying a step, with the reason, and keeps the first step."""
+    from safebasin.launcher.config import load_config
+    from safebasin.launcher.entry import run_restore
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_model_dir, adapter_dir, tmp_path / "out",
+                                   mu=1e9, iterations=2, eps=1.0, probes=3))
+    summary = run_restore(cfg)
+    assert "does not raise the forget loss" in summary["stop_reason"] and "iteration 2" in summary["stop_reason"]
+    assert len(rows(tmp_path / "out")) == summary["accepted_steps"] == 1
+    assert summary["restored"]["forget_loss"] > summary["initial"]["forget_loss"]
+
+
 def test_a_budget_must_be_positive(tmp_path, tiny_model_dir, adapter_dir):
     from safebasin.launcher.config import load_config
     with pytest.raises(ConfigError, match="restore.eps"):

@@ -17,7 +17,8 @@ influence step preconditioned by an L-BFGS inverse Hessian, as far as a budget o
    anyway) measures the curvature the step really met; its ratio to the model's calibrates the
    next prediction. rho (actual / predicted retain change) moves the region (policy.TrustRegion);
 5. steps 2-4 repeat up to `iterations` times, optionally re-collecting the pairs, and stop early
-   when the budget is used or no step within it raises the forget loss (the reason is logged).
+   when the budget is used, the direction does not raise the forget loss to first order, or no
+   step within the budget raises it (the reason is logged).
 
 Every vector here is this rank's shard of the flattened trainable parameters (spaces.py);
 every inner product is reduced over ranks, so all ranks take the same decisions and N ranks
@@ -114,6 +115,12 @@ def restore(model_args: ModelArgs, method: MethodArgs, args: RestoreArgs, ds_arg
         forget_slope = space.dot(g_forget, d)
         if d_norm == 0:
             stop = f"iteration {it}: the direction is zero"
+            break
+        if forget_slope <= 0:
+            # Every short enough step along d lowers the forget loss (the pull back to theta_ft
+            # outweighs the forget gradient): backtracking could only end in a rejection.
+            stop = (f"iteration {it}: the direction does not raise the forget loss (slope "
+                    f"{forget_slope:.3g}; the pull back mu (theta - theta_ft) outweighs the forget gradient)")
             break
         t = args.eta * retain_model.step_for(budget)
         if args.delta is not None and it == 1:
