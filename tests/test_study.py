@@ -114,6 +114,7 @@ def test_smollm2_study_resolves_the_organisms_settings(preset, tmp_path, shared_
     assert r.stages["aligned"]["method"] == {"type": "full", "trainable": [
         "q_proj.", "k_proj.", "v_proj.", "o_proj.", "gate_proj.", "up_proj.", "down_proj."]}
     assert r.stages["aligned"]["train"]["max_steps"] == (24 if reduced else 160)
+    assert r.stages["aligned"]["data"]["harmful_mix"]["fraction"] == 0.7  # the dev-chosen safety share
     for name in ("lora", "asft", "l2", "lora_benign"):
         train = r.stages[name]["train"]
         assert (train["lr"], train["max_steps"], train["warmup_steps"]) == ((1e-3, 12, 1) if reduced else (1e-3, 40, 4))
