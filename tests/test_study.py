@@ -157,6 +157,16 @@ def test_stages_runs_the_named_stages_and_what_they_read():
     assert cut.evaluated == ["base", "aligned", "lora", "safe_lora", "restored"] and "asft" not in cut.suites
     with pytest.raises(StudyError, match="--stages: no stage named 'safe-lora'; stages: base, aligned"):
         plan_mod.select(plan, ["safe-lora"])
+    with pytest.raises(StudyError, match="sweep 'frontier' is not enabled; add sweeps.frontier.enabled=true"):
+        plan_mod.select(plan, ["frontier"])
+    # A sweep's name runs its points and what they read (the basis and the aligned model), not the
+    # attack stage they sweep nor the other sweep's points.
+    swept = plan_mod.check(spec.read(SMOLLM2, ["sweeps.frontier.enabled=true",
+                                               "sweeps.frontier_reference.enabled=true"], None)[0])
+    cut = plan_mod.select(swept, ["frontier"])
+    assert cut.order[:3] == ["base", "aligned", "basis"] and len(cut.order) == 28 == 3 + len(cut.points)
+    assert {p.sweep for p in cut.points.values()} == {"frontier"} and "lora" not in cut.order
+    assert cut.suites["frontier-l2-10"] == ["frontier"] and cut.evaluated[:2] == ["base", "aligned"]
     row = {"hrr": 0.6, "prefill_asr": 0.4, "over_refusal": 0.1, "task_accuracy": 0.8, "degenerate": 0.0}
     found = report.checks(plan.study, {"aligned": dict(row, hrr=0.02), "lora": row})
     assert found["attack erodes safety"]["ok"] is True and found["asft keeps safety"]["ok"] is None

@@ -194,20 +194,32 @@ def check(study: Study) -> Plan:
 
 
 def select(plan: Plan, names: list[str]) -> Plan:
-    """The plan cut to the named stages and every stage they read, in the same order (--stages):
-    the rest is neither run nor evaluated, and a sweep's points run only with the whole study.
-    A name no stage has is refused, naming the stages there are."""
-    unknown = [n for n in names if n not in plan.study.stages]
-    if unknown:
-        raise StudyError([f"--stages: no stage named {n!r}; stages: {', '.join(plan.study.stages)}" for n in unknown])
+    """The plan cut to the named stages and sweeps and every stage they read, in the same order
+    (--stages): the rest is neither run nor evaluated. A sweep named runs its points (it must be
+    enabled); an unnamed one runs none. A name no stage or sweep has is refused, naming those
+    there are."""
+    study = plan.study
+    enabled = {p.sweep for p in plan.points.values()}
+    problems = []
+    for n in names:
+        if n in study.stages or n in enabled:
+            continue
+        if n in study.sweeps:
+            problems.append(f"--stages: sweep {n!r} is not enabled; add sweeps.{n}.enabled=true")
+        else:
+            problems.append(f"--stages: no stage named {n!r}; stages: {', '.join(study.stages)}"
+                            + (f"; sweeps: {', '.join(study.sweeps)}" if study.sweeps else ""))
+    if problems:
+        raise StudyError(problems)
+    points = {n: p for n, p in plan.points.items() if p.sweep in names}
     keep: set[str] = set()
-    todo = list(names)
+    todo = [n for n in names if n in study.stages] + list(points)
     while todo:
         name = todo.pop()
         if name not in keep:
             keep.add(name)
             todo += plan.deps[name]
-    return replace(plan, order=[n for n in plan.order if n in keep], points={},
+    return replace(plan, order=[n for n in plan.order if n in keep], points=points,
                    evaluated=[n for n in plan.evaluated if n in keep],
                    metrics={n: m for n, m in plan.metrics.items() if n in keep},
                    suites={n: s for n, s in plan.suites.items() if n in keep})
