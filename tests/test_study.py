@@ -166,7 +166,9 @@ def test_stages_runs_the_named_stages_and_what_they_read():
     cut = plan_mod.select(swept, ["frontier"])
     assert cut.order[:3] == ["base", "aligned", "basis"] and len(cut.order) == 28 == 3 + len(cut.points)
     assert {p.sweep for p in cut.points.values()} == {"frontier"} and "lora" not in cut.order
-    assert cut.suites["frontier-l2-10"] == ["frontier"] and cut.evaluated[:2] == ["base", "aligned"]
+    assert cut.suites["frontier-l2-10"] == ["frontier"] and cut.evaluated == list(cut.points)
+    both = plan_mod.select(swept, ["frontier", "aligned"])  # the stages the points read, measured when named
+    assert both.order == cut.order and both.evaluated == ["base", "aligned", *cut.points]
     row = {"hrr": 0.6, "prefill_asr": 0.4, "over_refusal": 0.1, "task_accuracy": 0.8, "degenerate": 0.0}
     found = report.checks(plan.study, {"aligned": dict(row, hrr=0.02), "lora": row})
     assert found["attack erodes safety"]["ok"] is True and found["asft keeps safety"]["ok"] is None
@@ -469,3 +471,15 @@ def test_an_override_of_a_var_the_study_does_not_declare_is_refused():
     with pytest.raises(StudyError, match="override vars.atack.lr: the study declares no var vars.atack; vars has"):
         spec.read(TINY, ["vars.atack.lr=0.1"])
     assert spec.read(TINY, ["vars.attack.lr=0.1"])[0].vars["attack"]["lr"] == 0.1
+
+
+def test_an_answer_cache_key_ignores_how_the_job_runs():
+    """Threads and tracking change how an evaluation runs, not its answers: a study resumed at
+    another thread count reuses its answers (it generated them again before); a generation
+    setting is another key."""
+    from safebasin.safety_core.study import evalcache
+    model = {"path": "/x/aligned/model"}
+    job = {"eval": {"max_new_tokens": 32}, "runtime": {"threads": 2}, "tracking": {"enabled": False}}
+    same = evalcache.key(model, {**job, "runtime": {"threads": 1}, "tracking": {"enabled": True}}, str)
+    assert evalcache.key(model, job, str) == same
+    assert evalcache.key(model, {**job, "eval": {"max_new_tokens": 24}}, str) != same

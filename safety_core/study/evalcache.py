@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = "results.json"
+# the job sections that change how an evaluation runs, not its answers (as progress.NOT_COMPUTED)
+NOT_COMPUTED = ("tracking", "runtime")
 
 
 def file_digest(path: Path) -> str:
@@ -43,7 +45,9 @@ def key(model: dict, job: dict, identify: Callable[[str], str]) -> str:
     model and output). `identify(path)` names a model or adapter folder: a stage's output by
     the stage's finishing token (a stage run again is another model), anything else as written."""
     who = {k: (identify(v) if k in ("path", "adapter") and isinstance(v, str) else v) for k, v in model.items()}
-    text = json.dumps({"model": who, "job": _content(job)}, sort_keys=True, default=str)
+    # how the job runs (threads, tracking) is not what it answers: a resume may change it
+    computed = {k: v for k, v in job.items() if k not in NOT_COMPUTED}
+    text = json.dumps({"model": who, "job": _content(computed)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -196,8 +196,9 @@ def check(study: Study) -> Plan:
 def select(plan: Plan, names: list[str]) -> Plan:
     """The plan cut to the named stages and sweeps and every stage they read, in the same order
     (--stages): the rest is neither run nor evaluated. A sweep named runs its points (it must be
-    enabled); an unnamed one runs none. A name no stage or sweep has is refused, naming those
-    there are."""
+    enabled) and the stages they read, which are evaluated only if a named stage reads them too
+    (the frontier alone measures only its points); an unnamed sweep runs none. A name no stage or
+    sweep has is refused, naming those there are."""
     study = plan.study
     enabled = {p.sweep for p in plan.points.values()}
     problems = []
@@ -212,17 +213,21 @@ def select(plan: Plan, names: list[str]) -> Plan:
     if problems:
         raise StudyError(problems)
     points = {n: p for n, p in plan.points.items() if p.sweep in names}
-    keep: set[str] = set()
-    todo = [n for n in names if n in study.stages] + list(points)
-    while todo:
-        name = todo.pop()
-        if name not in keep:
-            keep.add(name)
-            todo += plan.deps[name]
+    def closure(start: list[str]) -> set[str]:
+        keep: set[str] = set()
+        todo = list(start)
+        while todo:
+            name = todo.pop()
+            if name not in keep:
+                keep.add(name)
+                todo += plan.deps[name]
+        return keep
+    measured = closure([n for n in names if n in study.stages]) | set(points)
+    keep = measured | closure(list(points))
     return replace(plan, order=[n for n in plan.order if n in keep], points=points,
-                   evaluated=[n for n in plan.evaluated if n in keep],
-                   metrics={n: m for n, m in plan.metrics.items() if n in keep},
-                   suites={n: s for n, s in plan.suites.items() if n in keep})
+                   evaluated=[n for n in plan.evaluated if n in measured],
+                   metrics={n: m for n, m in plan.metrics.items() if n in measured},
+                   suites={n: s for n, s in plan.suites.items() if n in measured})
 
 
 def _suite_metrics(study: Study, name: str) -> list[str]:
