@@ -123,6 +123,8 @@ def show(study, result: dict, out: Path, *, command: str, holds: str, nproc: int
     print(f"  plots:   {(out / 'plots').resolve()}" + "".join(f", {s}" for s in scapes))
     for name, sweep in (result.get("sweeps") or {}).items():
         print(f"  {name}: " + ", ".join(sweep["files"].values()))
+        if sweep.get("verdict"):
+            print(f"    {sweep['verdict']}")
     m = result["mlflow"]
     print(f"  MLflow:  parent run {m['parent_run_id']} in experiment {m['experiment']!r} at {m['tracking_uri']}"
           f"  (view: mlflow ui --backend-store-uri {m['tracking_uri']})")

@@ -460,8 +460,25 @@ def test_sweep_rows_means_csv_and_matched_pairs(tmp_path):
         assert [(r["variant"], float(r["lambda"])) for r in csv.DictReader(f)] == \
             [("safelora", 1.0), ("safelora", 10.0), ("l2", 1.0), ("l2", 10.0)]
     assert Path(files["png"]).read_bytes()[:4] == b"\x89PNG"
+    assert table[0]["hrr_sd"] == pytest.approx(0.2828, abs=1e-4) and table[0]["seeds"] == 2
+    assert "task_accuracy_sd" in open(files["csv"]).readline()
     pairs = sweep.matched(sw, table)  # l2 at lambda 10 is 0.05 off in accuracy: no pair with it
     assert {(p["lambda"], p["control_lambda"]) for p in pairs} == {(1.0, 1.0), (10.0, 1.0)}
+    # Equal HRR means within a spread of 0.57: no verdict of "better"; a real gap beyond it is one.
+    said = sweep.verdict(sw, table, pairs)
+    assert "safelora lambda 1 vs l2 1: hrr 0.300 vs 0.300 (gap +0.000, spread 0.566: within" in said
+    assert said.endswith("Verdict: no curve gives lower hrr than l2 at the same task_accuracy beyond the seeds' spread.")
+    seed1 = {n: dict(r, hrr=0.45) if n == "frontier-safelora-10" else r for n, r in seed1.items()}
+    seed0 = {n: dict(r, hrr=0.05) if n == "frontier-safelora-10" else r for n, r in seed0.items()}
+    rows = [sweep.rows(sw, plan.points, s) for s in (seed0, seed1)]
+    table = sweep.mean_rows(sw, rows)
+    pairs = sweep.matched(sw, table)
+    assert "give(s) lower hrr than l2" not in sweep.verdict(sw, table, pairs)  # 0.25 vs 0.30, sd 0.28
+    seed1["frontier-safelora-10"]["hrr"] = 0.04
+    seed1 = {n: dict(r, hrr=0.5) if "-l2-" in n else r for n, r in seed1.items()}  # the control: sd 0
+    table = sweep.mean_rows(sw, [sweep.rows(sw, plan.points, s) for s in (seed0, seed1)])
+    said = sweep.verdict(sw, table, sweep.matched(sw, table))
+    assert said.endswith("Verdict: safelora give(s) lower hrr than l2 at the same task_accuracy, beyond the seeds' spread.")
 
 
 def test_an_override_of_a_var_the_study_does_not_declare_is_refused():

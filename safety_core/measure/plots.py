@@ -43,9 +43,11 @@ def line_plot(path, x: Sequence[float], series: Mapping[str, Sequence[float]], *
 
 
 def curves_plot(path, curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[str]]], *,
-                xlabel: str = "", ylabel: str = "", title: str = "") -> Path:
+                xlabel: str = "", ylabel: str = "", title: str = "",
+                errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> Path:
     """One line per named curve, each with its own points (xs, ys) and a text label per point
-    (e.g. a trade-off frontier: every point one setting of a knob)."""
+    (e.g. a trade-off frontier: every point one setting of a knob); `errors`: per curve the
+    (x, y) error bar half-widths of its points (e.g. the sd over seeds)."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-")]
@@ -53,6 +55,9 @@ def curves_plot(path, curves: Mapping[str, tuple[Sequence[float], Sequence[float
         # Markers and dashes differ, so that curves lying on top of each other stay visible.
         marker, dash = styles[i % len(styles)]
         line, = ax.plot(xs, ys, marker=marker, linestyle=dash, markersize=6 - i % 3, label=name)
+        if errors and name in errors:
+            ax.errorbar(xs, ys, xerr=errors[name][0], yerr=errors[name][1], fmt="none",
+                        ecolor=line.get_color(), elinewidth=0.8, capsize=2, alpha=0.7)
         for x, y, text in zip(xs, ys, labels):
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
                         color=line.get_color())

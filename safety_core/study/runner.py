@@ -107,8 +107,9 @@ def sweeps(plan: Plan, points: dict[int, dict], out_dir: Path) -> dict:
             continue
         per_seed = {seed: sweep.rows(sw, mine, rows) for seed, rows in points.items()}
         table = sweep.mean_rows(sw, list(per_seed.values()))
+        pairs = sweep.matched(sw, table)
         found[name] = {"points": table, "per_seed": per_seed, "files": sweep.write(sw, name, table, out_dir),
-                       "matched": sweep.matched(sw, table)}
+                       "matched": pairs, "verdict": sweep.verdict(sw, table, pairs)}
     return found
 
 

@@ -105,6 +105,8 @@ class Matched(Section):
     key: str = Field(description="the grid key whose values name the curves")
     method: str
     control: str
+    also: list[str] = Field(default_factory=list, description="other curves compared with the control "
+                            "the same way (the controls of the method)")
     by: str = Field(description="the grid key that tells a curve's points apart (e.g. lam)")
     near: str = Field("task_accuracy", description="the metric whose values must lie within `within`")
     within: float = Field(0.02, ge=0)

@@ -93,7 +93,8 @@ def rows(sweep: Sweep, points: dict[str, Point], numbers: dict[str, dict]) -> li
 
 def mean_rows(sweep: Sweep, per_seed: list[list[dict]]) -> list[dict]:
     """The rows of several seeds as one: each point's numbers averaged over the seeds that have it
-    (a seed without a number for it is left out of that mean)."""
+    (a seed without a number for it is left out of that mean), with their sample sd (METRIC_sd,
+    None from one seed) and how many seeds have the point (`seeds`)."""
     grid = {sweep.columns.get(k, k) for k in sweep.grid} | {"stage"}
     by_stage: dict[str, list[dict]] = {}
     for seed_rows in per_seed:
@@ -101,12 +102,14 @@ def mean_rows(sweep: Sweep, per_seed: list[list[dict]]) -> list[dict]:
             by_stage.setdefault(row["stage"], []).append(row)
     out = []
     for rs in by_stage.values():
-        row = dict(rs[0])
-        for k in row:
+        row, spread = dict(rs[0]), {}
+        for k in list(row):
             if k not in grid:
                 values = [r[k] for r in rs if r.get(k) is not None]
                 row[k] = statistics.fmean(values) if values else None
-        out.append(row)
+                spread[f"{k}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+        stage = row.pop("stage")
+        out.append({**row, **spread, "seeds": len(rs), "stage": stage})
     return out
 
 
@@ -127,24 +130,74 @@ def write(sweep: Sweep, name: str, table: list[dict], out_dir: Path) -> dict[str
     if sweep.plot is not None and table:
         p = sweep.plot
         curve, label = sweep.columns.get(p.curve, p.curve), sweep.columns.get(p.label, p.label)
-        curves = {}
+        curves, errors = {}, {}
         for value in dict.fromkeys(r[curve] for r in table):
             mine = sorted((r for r in table if r[curve] == value), key=lambda r: r[label])
             curves[str(value)] = ([r[p.x] for r in mine], [r[p.y] for r in mine], [_label(r[label]) for r in mine])
+            errors[str(value)] = ([r.get(f"{p.x}_sd") or 0.0 for r in mine], [r.get(f"{p.y}_sd") or 0.0 for r in mine])
+        several = any(r.get("seeds", 1) > 1 for r in table)
+        title = p.title + (" (mean ± sd over seeds)" if several else "")
         files["png"] = str(plots.curves_plot(out_dir / f"{stem}.png", curves, xlabel=p.xlabel or p.x,
-                                             ylabel=p.ylabel or p.y, title=p.title))
+                                             ylabel=p.ylabel or p.y, title=title,
+                                             errors=errors if several else None))
     return files
 
 
 def matched(sweep: Sweep, table: list[dict]) -> list[dict]:
-    """Every pair (method point, control point) whose `near` values lie within `within`, with the
-    gap (method - control) in `on` and in `compare`."""
+    """Every pair (a point of the method or of a curve in `also`, a control point) whose `near`
+    values lie within `within`, with the gap (that point - control) in `near` and in `compare`,
+    and the seeds' sd of `compare` at both points."""
     m = sweep.matched
     if m is None:
         return []
     key, by = sweep.columns.get(m.key, m.key), sweep.columns.get(m.by, m.by)
-    mine = [r for r in table if r[key] == m.method and r.get(m.near) is not None]
     theirs = [r for r in table if r[key] == m.control and r.get(m.near) is not None]
-    return [{by: a[by], f"control_{by}": b[by], f"{m.near}_gap": a[m.near] - b[m.near],
-             f"{m.compare}_gap": a[m.compare] - b[m.compare]}
-            for a in mine for b in theirs if abs(a[m.near] - b[m.near]) <= m.within]
+    pairs = []
+    for arm in (m.method, *m.also):
+        mine = [r for r in table if r[key] == arm and r.get(m.near) is not None]
+        pairs += [{key: arm, by: a[by], f"control_{by}": b[by], f"{m.near}_gap": a[m.near] - b[m.near],
+                   f"{m.compare}_gap": a[m.compare] - b[m.compare], f"{m.compare}": a[m.compare],
+                   f"control_{m.compare}": b[m.compare], f"{m.compare}_sd": a.get(f"{m.compare}_sd"),
+                   f"control_{m.compare}_sd": b.get(f"{m.compare}_sd")}
+                  for a in mine for b in theirs if abs(a[m.near] - b[m.near]) <= m.within]
+    return pairs
+
+
+def verdict(sweep: Sweep, table: list[dict], pairs: list[dict]) -> str | None:
+    """In words: does any curve give a lower `compare` (HRR) than the control at the same `near`
+    (accuracy), beyond the seeds' spread? Per curve, its best matched pair (the lowest gap: a
+    choice made after seeing the numbers, which favours finding a difference) is beyond the
+    spread when the gap is below -(sd of the point + sd of the control point). None without
+    matching."""
+    m = sweep.matched
+    if m is None or not table:
+        return None
+    key, by = sweep.columns.get(m.key, m.key), sweep.columns.get(m.by, m.by)
+    seeds = max(r.get("seeds", 1) for r in table)
+    parts, better = [], []
+    for arm in (m.method, *m.also):
+        mine = [p for p in pairs if p[key] == arm]
+        if not [r for r in table if r[key] == arm]:
+            continue
+        if not mine:
+            parts.append(f"{arm}: no point within {m.within:g} {m.near} of a {m.control} point")
+            continue
+        best = min(mine, key=lambda p: p[f"{m.compare}_gap"])
+        sds = [best[f"{m.compare}_sd"], best[f"control_{m.compare}_sd"]]
+        spread = sum(s for s in sds if s is not None)
+        beyond = best[f"{m.compare}_gap"] < -spread if seeds > 1 else None
+        if beyond:
+            better.append(arm)
+        where = "beyond" if beyond else ("within" if beyond is False else "one seed: no spread to compare with")
+        parts.append(f"{arm} {by} {_label(best[by])} vs {m.control} {_label(best[f'control_{by}'])}: {m.compare} "
+                     f"{best[m.compare]:.3f} vs {best[f'control_{m.compare}']:.3f} (gap "
+                     f"{best[f'{m.compare}_gap']:+.3f}, spread {spread:.3f}: {where}; best of {len(mine)} pairs)")
+    head = (f"At matched {m.near} (within {m.within:g}), mean over {seeds} seed(s), each curve's best pair against "
+            f"{m.control}: " + "; ".join(parts) + ". ")
+    if seeds < 2:
+        return head + "One seed: no verdict on the spread."
+    if better:
+        return head + (f"Verdict: {', '.join(better)} give(s) lower {m.compare} than {m.control} at the same "
+                       f"{m.near}, beyond the seeds' spread.")
+    return head + (f"Verdict: no curve gives lower {m.compare} than {m.control} at the same {m.near} beyond the "
+                   f"seeds' spread.")
