@@ -139,7 +139,7 @@ def test_smollm2_frontier_sweeps_put_every_arm_on_one_basis(tmp_path, shared_dat
     arms = {"safelora", "l2", "aligned", "random-subspace", "projector"}
     assert {r.stages[f"frontier-{a}-100"]["anchor"]["variant"] for a in arms} == arms
     assert {r.stages[f"frontier_reference-{a}-1"]["anchor"]["basis"] for a in arms} == {str(r.root / "basis")}
-    strong, ref = r.stages["frontier-l2-10"], r.stages["frontier_reference-l2-10"]
+    strong, ref = r.stages["frontier-l2-0.1"], r.stages["frontier_reference-l2-0.1"]
     assert strong["data"] == r.stages["lora"]["data"] and strong["train"] == r.stages["lora"]["train"]
     assert ref["data"]["harmful_mix"]["fraction"] == 0.1 and ref["data"]["train"] == strong["data"]["train"]
     assert (ref["train"]["lr"], ref["train"]["max_steps"], ref["train"]["warmup_steps"]) == (1e-4, 80, 8)
@@ -166,7 +166,7 @@ def test_stages_runs_the_named_stages_and_what_they_read():
     cut = plan_mod.select(swept, ["frontier"])
     assert cut.order[:3] == ["base", "aligned", "basis"] and len(cut.order) == 28 == 3 + len(cut.points)
     assert {p.sweep for p in cut.points.values()} == {"frontier"} and "lora" not in cut.order
-    assert cut.suites["frontier-l2-10"] == ["frontier"] and cut.evaluated == list(cut.points)
+    assert cut.suites["frontier-l2-0.1"] == ["frontier"] and cut.evaluated == list(cut.points)
     both = plan_mod.select(swept, ["frontier", "aligned"])  # the stages the points read, measured when named
     assert both.order == cut.order and both.evaluated == ["base", "aligned", *cut.points]
     row = {"hrr": 0.6, "prefill_asr": 0.4, "over_refusal": 0.1, "task_accuracy": 0.8, "degenerate": 0.0}
