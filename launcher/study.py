@@ -83,6 +83,8 @@ def execute(file, overrides: list[str], preset: str | None, args, *, markers: tu
         if not resume:
             prepare_folder(out, overwrite, folder_markers, what)
             runner.write_marker(out, raw, chosen)
+        else:
+            runner.resumed_marker(out, raw)
         torch.set_num_threads(study.threads)
         runs = parent(out, " (resumed)" if resume else "")
         try:

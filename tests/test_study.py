@@ -388,6 +388,14 @@ def test_combine_joins_seed_folders_and_refuses_another_study(tmp_path, monkeypa
     c = folder("c", 2, 0.5, other)
     with pytest.raises(StudyError, match="another study"):
         runner.combine(plan, raw, [a, c], out("x"), None)
+    # A folder resumed with this spec (its stages kept where their configs did not change) is
+    # this study now; its marker keeps the digest it had.
+    runner.resumed_marker(c, raw)
+    marker = json.loads((c / runner.MARKER).read_text())
+    assert marker["digest"] == runner.spec_digest(raw) and marker["earlier_digests"] == [runner.spec_digest(other)]
+    assert marker["seeds"] == [2]
+    assert runner.combine(plan, raw, [a, c], out("z"), lambda f: DemoRuns(f"sqlite:///{tmp_path / 'mlflow.db'}", "c",
+                                                                         {}, "safebasin-study"))["seeds"] == [0, 2]
     with pytest.raises(StudyError, match="seed 0 is in more than one folder"):
         runner.combine(plan, raw, [a, a], out("y"), None)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -160,6 +160,18 @@ def write_marker(out: Path, raw: dict, seeds: list[int], extra: dict | None = No
                                          indent=2, default=str))
 
 
+def resumed_marker(out: Path, raw: dict) -> None:
+    """--resume with another spec (a stage kept only where its config is unchanged): the marker
+    takes the spec the folder's results now come from, and keeps the digests it had before, so
+    that --combine joins it with folders of the same spec."""
+    marker = json.loads((out / MARKER).read_text())
+    if marker.get("digest") == spec_digest(raw):
+        return
+    before = [*marker.get("earlier_digests", []), marker.get("digest")]
+    extra = {k: v for k, v in marker.items() if k not in ("safebasin_study", "name", "seeds", "digest", "spec")}
+    write_marker(out, raw, marker["seeds"], {**extra, "earlier_digests": before})
+
+
 def recorded_seeds(out: Path, asked: list[int] | None) -> list[int]:
     """--resume: the seeds the folder was started with (other seeds are refused: they would
     change what its results.json means)."""
