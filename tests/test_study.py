@@ -129,8 +129,9 @@ def test_smollm2_study_resolves_the_organisms_settings(preset, tmp_path, shared_
 
 def test_smollm2_frontier_sweeps_put_every_arm_on_one_basis(tmp_path, shared_data):
     """The anchoring frontier (off by default): 5 arms x 5 lambdas per regime, every arm on the
-    same basis stage, the reference regime at 10% harmful / lr 1e-4 / 80 steps with the rest of
-    the attack unchanged, measured by the reduced suite (50 AdvBench prompts, 100 SST-2)."""
+    same basis stage, the reference regime at 10% harmful / lr 1e-4 / 80 steps with the reference's
+    LoRA and optimizer (the study stage of examples/asft_reference_lora.yaml's settings), measured
+    by the reduced suite (50 AdvBench prompts, 100 SST-2)."""
     on = ["sweeps.frontier.enabled=true", "sweeps.frontier_reference.enabled=true"]
     study, _ = spec.read(SMOLLM2, [f"vars.data.dir={shared_data}", *on], None)
     plan = plan_mod.check(study)
@@ -142,7 +143,9 @@ def test_smollm2_frontier_sweeps_put_every_arm_on_one_basis(tmp_path, shared_dat
     strong, ref = r.stages["frontier-l2-0.1"], r.stages["frontier_reference-l2-0.1"]
     assert strong["data"] == r.stages["lora"]["data"] and strong["train"] == r.stages["lora"]["train"]
     assert ref["data"]["harmful_mix"]["fraction"] == 0.1 and ref["data"]["train"] == strong["data"]["train"]
-    assert (ref["train"]["lr"], ref["train"]["max_steps"], ref["train"]["warmup_steps"]) == (1e-4, 80, 8)
+    assert (ref["train"]["lr"], ref["train"]["max_steps"], ref["train"]["warmup_steps"]) == (1e-4, 80, 0)
+    assert (ref["train"]["schedule"], ref["train"]["step_gamma"], ref["train"]["weight_decay"]) == ("step", 0.85, 0.0)
+    assert ref["method"] == {**strong["method"], "r": 8, "alpha": 32.0, "dropout": 0.05}  # the reference's LoRA
     assert r.suites["frontier"]["eval"]["harmful"]["limit"] == 50 and r.suites["frontier"]["eval"]["task"]["limit"] == 100
     assert not plan_mod.check(spec.read(SMOLLM2, [f"vars.data.dir={shared_data}"], None)[0]).points
 
