@@ -170,6 +170,8 @@ def test_stages_runs_the_named_stages_and_what_they_read():
     assert cut.order[:3] == ["base", "aligned", "basis"] and len(cut.order) == 28 == 3 + len(cut.points)
     assert {p.sweep for p in cut.points.values()} == {"frontier"} and "lora" not in cut.order
     assert cut.suites["frontier-l2-0.1"] == ["frontier"] and cut.evaluated == list(cut.points)
+    one = plan_mod.select(swept, ["frontier-l2-1", "frontier-safelora-1"])  # points named alone
+    assert list(one.points) == one.evaluated == ["frontier-safelora-1", "frontier-l2-1"]
     both = plan_mod.select(swept, ["frontier", "aligned"])  # the stages the points read, measured when named
     assert both.order == cut.order and both.evaluated == ["base", "aligned", *cut.points]
     row = {"hrr": 0.6, "prefill_asr": 0.4, "over_refusal": 0.1, "task_accuracy": 0.8, "degenerate": 0.0}

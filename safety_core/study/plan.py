@@ -196,14 +196,14 @@ def check(study: Study) -> Plan:
 def select(plan: Plan, names: list[str]) -> Plan:
     """The plan cut to the named stages and sweeps and every stage they read, in the same order
     (--stages): the rest is neither run nor evaluated. A sweep named runs its points (it must be
-    enabled) and the stages they read, which are evaluated only if a named stage reads them too
+    enabled; a point may be named alone, e.g. frontier-l2-1) and the stages they read, which are evaluated only if a named stage reads them too
     (the frontier alone measures only its points); an unnamed sweep runs none. A name no stage or
     sweep has is refused, naming those there are."""
     study = plan.study
     enabled = {p.sweep for p in plan.points.values()}
     problems = []
     for n in names:
-        if n in study.stages or n in enabled:
+        if n in study.stages or n in enabled or n in plan.points:
             continue
         if n in study.sweeps:
             problems.append(f"--stages: sweep {n!r} is not enabled; add sweeps.{n}.enabled=true")
@@ -212,7 +212,7 @@ def select(plan: Plan, names: list[str]) -> Plan:
                             + (f"; sweeps: {', '.join(study.sweeps)}" if study.sweeps else ""))
     if problems:
         raise StudyError(problems)
-    points = {n: p for n, p in plan.points.items() if p.sweep in names}
+    points = {n: p for n, p in plan.points.items() if p.sweep in names or n in names}
     def closure(start: list[str]) -> set[str]:
         keep: set[str] = set()
         todo = list(start)
