@@ -116,7 +116,9 @@ def show(study, result: dict, out: Path, *, command: str, holds: str, nproc: int
         for seed, found in result["per_seed_checks"].items():
             failed = [k for k, c in found.items() if c["ok"] is False]
             print(f"  seed {seed}: " + ("every check holds" if not failed else "fails " + ", ".join(failed)))
-    verdict = holds if result["all_checks_hold"] else "NOT every check holds"
+    judged = [c for c in result["checks"].values() if c["ok"] is not None]
+    verdict = ("no check evaluated (the stages they read did not run)" if not judged
+               else holds if result["all_checks_hold"] else "NOT every check holds")
     ranks = f" on {nproc} rank(s)" if nproc is not None else ""
     print(f"\n{command}: {verdict}{' (on the means)' if several else ''}; {result['wall_seconds']:.0f} s{ranks}")
     print(f"  results: {(out / runner.RESULTS).resolve()}")
