@@ -477,9 +477,17 @@ def test_sweep_rows_means_csv_and_matched_pairs(tmp_path):
     assert "task_accuracy_sd" in open(files["csv"]).readline()
     pairs = sweep.matched(sw, table)  # l2 at lambda 10 is 0.05 off in accuracy: no pair with it
     assert {(p["lambda"], p["control_lambda"]) for p in pairs} == {(1.0, 1.0), (10.0, 1.0)}
+    # A method point is held against the control's best point at its accuracy, not any of them: a
+    # strong lambda of the method beats a weak one of the control, not the control's frontier.
+    flat = [{"variant": v, "lambda": lam, "hrr": h, "task_accuracy": 0.8, "hrr_sd": 0.0, "seeds": 2,
+             "stage": f"frontier-{v}-{lam:g}"} for v, lam, h in
+            [("safelora", 1.0, 0.1), ("safelora", 10.0, 0.0), ("l2", 1.0, 0.1), ("l2", 10.0, 0.0)]]
+    assert [(p["lambda"], p["control_lambda"], p["hrr_gap"]) for p in sweep.matched(sw, flat)] == \
+        [(1.0, 10.0, pytest.approx(0.1)), (10.0, 10.0, 0.0)]
+    assert "no curve gives lower hrr" in sweep.verdict(sw, flat, sweep.matched(sw, flat))
     # Equal HRR means within a spread of 0.57: no verdict of "better"; a real gap beyond it is one.
     said = sweep.verdict(sw, table, pairs)
-    assert "safelora lambda 1 vs l2 1: hrr 0.300 vs 0.300 (gap +0.000, spread 0.566: within" in said
+    assert "safelora lambda 1 vs l2 1: hrr 0.300 vs 0.300 (gap +0.000, spread 0.566: within; best of 2 points)" in said
     assert said.endswith("Verdict: no curve gives lower hrr than l2 at the same task_accuracy beyond the seeds' spread.")
     seed1 = {n: dict(r, hrr=0.45) if n == "frontier-safelora-10" else r for n, r in seed1.items()}
     seed0 = {n: dict(r, hrr=0.05) if n == "frontier-safelora-10" else r for n, r in seed0.items()}
