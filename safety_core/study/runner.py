@@ -106,6 +106,8 @@ def sweeps(plan: Plan, points: dict[int, dict], out_dir: Path) -> dict:
         if not mine:
             continue
         per_seed = {seed: sweep.rows(sw, mine, rows) for seed, rows in points.items()}
+        if not any(per_seed.values()):
+            continue  # enabled but none of its points ran (e.g. another sweep's --stages)
         table = sweep.mean_rows(sw, list(per_seed.values()))
         pairs = sweep.matched(sw, table)
         found[name] = {"points": table, "per_seed": per_seed, "files": sweep.write(sw, name, table, out_dir),
