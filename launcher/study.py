@@ -148,8 +148,8 @@ def cmd_study(args) -> int:
 def add_stages_arg(p) -> None:
     p.add_argument("--stages", default=None, metavar="LIST", help="e.g. lora,restored: run only these stages "
                    "and the stages they read (a finished one is kept with --resume); an enabled sweep's name "
-                   "(e.g. frontier) runs its points, a point's name (frontier-l2-1) that point; the checks over stages that did not run are reported as "
-                   "not evaluated")
+                   "(e.g. frontier) runs its points, a point's name (frontier-l2-1) that point; the checks over "
+                   "stages that did not run are reported as not evaluated")
 
 
 def register(sub) -> None:

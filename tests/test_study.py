@@ -485,6 +485,10 @@ def test_sweep_rows_means_csv_and_matched_pairs(tmp_path):
     assert [(p["lambda"], p["control_lambda"], p["hrr_gap"]) for p in sweep.matched(sw, flat)] == \
         [(1.0, 10.0, pytest.approx(0.1)), (10.0, 10.0, 0.0)]
     assert "no curve gives lower hrr" in sweep.verdict(sw, flat, sweep.matched(sw, flat))
+    # A point measured on one seed (sd None) has no spread: never "beyond" it, however large the gap.
+    lone = [dict(r, hrr=0.0, hrr_sd=None, seeds=1) if r["variant"] == "safelora" else dict(r, hrr=0.5) for r in flat]
+    said = sweep.verdict(sw, lone, sweep.matched(sw, lone))
+    assert "a point of one seed: no spread" in said and "no curve gives lower hrr" in said
     # Equal HRR means within a spread of 0.57: no verdict of "better"; a real gap beyond it is one.
     said = sweep.verdict(sw, table, pairs)
     assert "safelora lambda 1 vs l2 1: hrr 0.300 vs 0.300 (gap +0.000, spread 0.566: within; best of 2 points)" in said

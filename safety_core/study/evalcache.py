@@ -1,8 +1,8 @@
 """Answers are generated once per model and prompt set: an evaluation's key is the identity of
 the model evaluated, the content of every prompt file it reads and every generation, judge and
 task setting, and its folder EVALS/<key>/ holds the eval job's outputs. A second suite, stage
-or seed asking for the same key reads that folder instead of generating again. Imports nothing
-of the project.
+or seed asking for the same key reads that folder instead of generating again. Imports only
+progress.NOT_COMPUTED (the sections that change how a job runs, not what it computes).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safebasin.safety_core.study.progress import NOT_COMPUTED
+
 RESULTS = "results.json"
-# the job sections that change how an evaluation runs, not its answers (as progress.NOT_COMPUTED)
-NOT_COMPUTED = ("tracking", "runtime")
 
 
 def file_digest(path: Path) -> str:

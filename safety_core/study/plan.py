@@ -196,8 +196,9 @@ def check(study: Study) -> Plan:
 def select(plan: Plan, names: list[str]) -> Plan:
     """The plan cut to the named stages and sweeps and every stage they read, in the same order
     (--stages): the rest is neither run nor evaluated. A sweep named runs its points (it must be
-    enabled; a point may be named alone, e.g. frontier-l2-1) and the stages they read, which are evaluated only if a named stage reads them too
-    (the frontier alone measures only its points); an unnamed sweep runs none. A name no stage or
+    enabled; a point may be named alone, e.g. frontier-l2-1) and the stages they read, which are
+    evaluated only if a named stage reads them too (the frontier alone measures only its points);
+    an unnamed sweep runs none. A name no stage or
     sweep has is refused, naming those there are."""
     study = plan.study
     enabled = {p.sweep for p in plan.points.values()}
@@ -213,6 +214,7 @@ def select(plan: Plan, names: list[str]) -> Plan:
     if problems:
         raise StudyError(problems)
     points = {n: p for n, p in plan.points.items() if p.sweep in names or n in names}
+
     def closure(start: list[str]) -> set[str]:
         keep: set[str] = set()
         todo = list(start)

@@ -190,10 +190,11 @@ def verdict(sweep: Sweep, table: list[dict], pairs: list[dict]) -> str | None:
         best = min(mine, key=lambda p: p[f"{m.compare}_gap"])
         sds = [best[f"{m.compare}_sd"], best[f"control_{m.compare}_sd"]]
         spread = sum(s for s in sds if s is not None)
-        beyond = best[f"{m.compare}_gap"] < -spread if seeds > 1 else None
+        # a point measured on one seed has no spread of its own: no verdict on it
+        beyond = best[f"{m.compare}_gap"] < -spread if None not in sds else None
         if beyond:
             better.append(arm)
-        where = "beyond" if beyond else ("within" if beyond is False else "one seed: no spread to compare with")
+        where = "beyond" if beyond else ("within" if beyond is False else "a point of one seed: no spread to compare with")
         parts.append(f"{arm} {by} {_label(best[by])} vs {m.control} {_label(best[f'control_{by}'])}: {m.compare} "
                      f"{best[m.compare]:.3f} vs {best[f'control_{m.compare}']:.3f} (gap "
                      f"{best[f'{m.compare}_gap']:+.3f}, spread {spread:.3f}: {where}; best of {len(mine)} points)")
