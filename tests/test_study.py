@@ -128,15 +128,15 @@ def test_smollm2_study_resolves_the_organisms_settings(preset, tmp_path, shared_
 
 
 def test_smollm2_frontier_sweeps_put_every_arm_on_one_basis(tmp_path, shared_data):
-    """The anchoring frontier (off by default): 5 arms x 5 lambdas per regime, every arm on the
-    same basis stage, the reference regime at 10% harmful / lr 1e-4 / 80 steps with the reference's
-    LoRA and optimizer (the study stage of examples/asft_reference_lora.yaml's settings), its plain
-    attack a point of its own with the same settings and no anchor, measured by the reduced suite
-    (50 AdvBench prompts, 100 SST-2)."""
+    """The anchoring frontier (off by default): 5 arms x 5 lambdas (6 in the reference regime),
+    every arm on the same basis stage, the reference regime at 10% harmful / lr 1e-4 / 80 steps
+    with the reference's LoRA and optimizer (the study stage of examples/asft_reference_lora.yaml's
+    settings), its plain attack a point of its own with the same settings and no anchor, measured
+    by the reduced suite (50 AdvBench prompts, 100 SST-2)."""
     on = ["sweeps.frontier.enabled=true", "sweeps.frontier_reference.enabled=true", "sweeps.attack_reference.enabled=true"]
     study, _ = spec.read(SMOLLM2, [f"vars.data.dir={shared_data}", *on], None)
     plan = plan_mod.check(study)
-    assert len(plan.points) == 51
+    assert len(plan.points) == 56
     r = runner.prepare(plan, [0], tmp_path, LauncherJobs(1))[0]
     arms = {"safelora", "l2", "aligned", "random-subspace", "projector"}
     assert {r.stages[f"frontier-{a}-100"]["anchor"]["variant"] for a in arms} == arms
