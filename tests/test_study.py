@@ -479,35 +479,60 @@ def test_sweep_rows_means_csv_and_matched_pairs(tmp_path):
     assert Path(files["png"]).read_bytes()[:4] == b"\x89PNG"
     assert table[0]["hrr_sd"] == pytest.approx(0.2828, abs=1e-4) and table[0]["seeds"] == 2
     assert "task_accuracy_sd" in open(files["csv"]).readline()
-    pairs = sweep.matched(sw, table)  # l2 at lambda 10 is 0.05 off in accuracy: no pair with it
-    assert {(p["lambda"], p["control_lambda"]) for p in pairs} == {(1.0, 1.0), (10.0, 1.0)}
+    pairs = sweep.matched(sw, rows)  # l2 at lambda 10 is 0.05 off in accuracy: no pair with it
+    assert {(p["lambda"], p["control_lambda"], p["seeds"]) for p in pairs} == {(1.0, 1.0, 2), (10.0, 1.0, 2)}
     # A method point is held against the control's best point at its accuracy, not any of them: a
     # strong lambda of the method beats a weak one of the control, not the control's frontier.
-    flat = [{"variant": v, "lambda": lam, "hrr": h, "task_accuracy": 0.8, "hrr_sd": 0.0, "seeds": 2,
-             "stage": f"frontier-{v}-{lam:g}"} for v, lam, h in
-            [("safelora", 1.0, 0.1), ("safelora", 10.0, 0.0), ("l2", 1.0, 0.1), ("l2", 10.0, 0.0)]]
-    assert [(p["lambda"], p["control_lambda"], p["hrr_gap"]) for p in sweep.matched(sw, flat)] == \
+    flat_seed = [{"variant": v, "lambda": lam, "hrr": h, "task_accuracy": 0.8, "stage": f"frontier-{v}-{lam:g}"}
+                 for v, lam, h in [("safelora", 1.0, 0.1), ("safelora", 10.0, 0.0), ("l2", 1.0, 0.1), ("l2", 10.0, 0.0)]]
+    flat = sweep.mean_rows(sw, [flat_seed, flat_seed])
+    assert [(p["lambda"], p["control_lambda"], p["hrr_gap"]) for p in sweep.matched(sw, [flat_seed, flat_seed])] == \
         [(1.0, 10.0, pytest.approx(0.1)), (10.0, 10.0, 0.0)]
-    assert "no curve gives lower hrr" in sweep.verdict(sw, flat, sweep.matched(sw, flat))
-    # A point measured on one seed (sd None) has no spread: never "beyond" it, however large the gap.
-    lone = [dict(r, hrr=0.0, hrr_sd=None, seeds=1) if r["variant"] == "safelora" else dict(r, hrr=0.5) for r in flat]
-    said = sweep.verdict(sw, lone, sweep.matched(sw, lone))
-    assert "a point of one seed: no spread" in said and "no curve gives lower hrr" in said
+    assert "no curve gives lower hrr" in sweep.verdict(sw, flat, sweep.matched(sw, [flat_seed, flat_seed]))
+    # A pair measured on one seed (the method's points ran on seed 0 only) has no spread: never
+    # "beyond" it, however large the gap.
+    lone = [[dict(r, hrr=0.0 if r["variant"] == "safelora" else 0.5) for r in flat_seed],
+            [dict(r, hrr=0.5) for r in flat_seed if r["variant"] == "l2"]]
+    said = sweep.verdict(sw, sweep.mean_rows(sw, lone), sweep.matched(sw, lone))
+    assert "one seed: no spread" in said and "no curve gives lower hrr" in said
     # Equal HRR means within a spread of 0.57: no verdict of "better"; a real gap beyond it is one.
     said = sweep.verdict(sw, table, pairs)
-    assert "safelora lambda 1 vs l2 1: hrr 0.300 vs 0.300 (gap +0.000, spread 0.566: within; best of 2 points)" in said
+    assert ("safelora lambda 1 vs l2 1: hrr 0.300 vs 0.300 (gap +0.000, spread 0.566: within; 2 seed(s); "
+            "best of 2 points)") in said
     assert said.endswith("Verdict: no curve gives lower hrr than l2 at the same task_accuracy beyond the seeds' spread.")
     seed1 = {n: dict(r, hrr=0.45) if n == "frontier-safelora-10" else r for n, r in seed1.items()}
     seed0 = {n: dict(r, hrr=0.05) if n == "frontier-safelora-10" else r for n, r in seed0.items()}
     rows = [sweep.rows(sw, plan.points, s) for s in (seed0, seed1)]
     table = sweep.mean_rows(sw, rows)
-    pairs = sweep.matched(sw, table)
+    pairs = sweep.matched(sw, rows)
     assert "give(s) lower hrr than l2" not in sweep.verdict(sw, table, pairs)  # 0.25 vs 0.30, sd 0.28
     seed1["frontier-safelora-10"]["hrr"] = 0.04
     seed1 = {n: dict(r, hrr=0.5) if "-l2-" in n else r for n, r in seed1.items()}  # the control: sd 0
-    table = sweep.mean_rows(sw, [sweep.rows(sw, plan.points, s) for s in (seed0, seed1)])
-    said = sweep.verdict(sw, table, sweep.matched(sw, table))
+    rows = [sweep.rows(sw, plan.points, s) for s in (seed0, seed1)]
+    said = sweep.verdict(sw, sweep.mean_rows(sw, rows), sweep.matched(sw, rows))
     assert said.endswith("Verdict: safelora give(s) lower hrr than l2 at the same task_accuracy, beyond the seeds' spread.")
+
+
+def test_matched_pairs_compare_points_on_the_seeds_they_share():
+    """A third seed that ran only the control's points (its alignment lower on every point) must
+    not make the method look worse: each pair is measured on the seeds that have both points."""
+    from safebasin.safety_core.study import sweep
+    raw = __import__("yaml").safe_load(TINY.read_text())
+    raw["sweeps"]["frontier"].update(enabled=True, grid={"variant": ["safelora", "l2"], "lam": [1.0, 10.0]})
+    plan = _plan(raw)
+    sw = plan.study.sweeps["frontier"]
+    row = {"hrr": 0.0, "prefill_asr": 0.5, "task_accuracy": 0.9}
+    seeds = [{n: dict(row, hrr=h) for n in plan.points} for h in (0.4, 0.6)]
+    seeds.append({n: dict(row, hrr=0.0) for n in plan.points if "-l2-" in n})
+    rows = [sweep.rows(sw, plan.points, s) for s in seeds]
+    table = sweep.mean_rows(sw, rows)
+    means = {r["stage"]: r["hrr"] for r in table}
+    assert means["frontier-safelora-1"] == pytest.approx(0.5) and means["frontier-l2-1"] == pytest.approx(1 / 3)
+    pairs = sweep.matched(sw, rows)
+    assert [(p["hrr"], p["control_hrr"], p["hrr_gap"], p["seeds"]) for p in pairs] == \
+        [(pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.0), 2)] * 2
+    said = sweep.verdict(sw, table, pairs)
+    assert "hrr 0.500 vs 0.500 (gap +0.000, spread 0.283: within; 2 seed(s); best of 2 points)" in said
 
 
 def test_an_override_of_a_var_the_study_does_not_declare_is_refused():

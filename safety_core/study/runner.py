@@ -109,7 +109,7 @@ def sweeps(plan: Plan, points: dict[int, dict], out_dir: Path) -> dict:
         if not any(per_seed.values()):
             continue  # enabled but none of its points ran (e.g. another sweep's --stages)
         table = sweep.mean_rows(sw, list(per_seed.values()))
-        pairs = sweep.matched(sw, table)
+        pairs = sweep.matched(sw, list(per_seed.values()))
         found[name] = {"points": table, "per_seed": per_seed, "files": sweep.write(sw, name, table, out_dir),
                        "matched": pairs, "verdict": sweep.verdict(sw, table, pairs)}
     return found

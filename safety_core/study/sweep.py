@@ -143,28 +143,49 @@ def write(sweep: Sweep, name: str, table: list[dict], out_dir: Path) -> dict[str
     return files
 
 
-def matched(sweep: Sweep, table: list[dict]) -> list[dict]:
+def matched(sweep: Sweep, per_seed: list[list[dict]]) -> list[dict]:
     """For every point of the method and of each curve in `also`: the control's best point (the
     lowest `compare`) among those whose `near` value lies within `within` of it, with the gap
     (that point - control) in `near` and in `compare` and the seeds' sd of `compare` at both.
     Against the control's best, not any of its points: the control's frontier at that accuracy
-    (a strong lambda of the control reaches what a strong lambda of the method does)."""
+    (a strong lambda of the control reaches what a strong lambda of the method does). Each pair
+    is measured on the seeds that have both points (`seeds`): a seed's alignment moves all its
+    points together, so means over different sets of seeds are not comparable."""
     m = sweep.matched
     if m is None:
         return []
     key, by = sweep.columns.get(m.key, m.key), sweep.columns.get(m.by, m.by)
-    theirs = [r for r in table if r[key] == m.control and r.get(m.near) is not None]
+    by_stage: dict[str, dict[int, dict]] = {}
+    for seed, seed_rows in enumerate(per_seed):
+        for row in seed_rows:
+            by_stage.setdefault(row["stage"], {})[seed] = row
+
+    def summary(stage: str, seeds: list[int], metric: str) -> tuple[float | None, float | None]:
+        values = [by_stage[stage][s].get(metric) for s in seeds]
+        if None in values:
+            return None, None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+    def of(stage: str, name: str):
+        return next(iter(by_stage[stage].values()))[name]
+
+    controls = [st for st in by_stage if of(st, key) == m.control]
     pairs = []
     for arm in (m.method, *m.also):
-        for a in (r for r in table if r[key] == arm and r.get(m.near) is not None):
-            near = [b for b in theirs if abs(a[m.near] - b[m.near]) <= m.within and b.get(m.compare) is not None]
-            if not near or a.get(m.compare) is None:
-                continue
-            b = min(near, key=lambda r: r[m.compare])
-            pairs.append({key: arm, by: a[by], f"control_{by}": b[by], f"{m.near}_gap": a[m.near] - b[m.near],
-                          f"{m.compare}_gap": a[m.compare] - b[m.compare], f"{m.compare}": a[m.compare],
-                          f"control_{m.compare}": b[m.compare], f"{m.compare}_sd": a.get(f"{m.compare}_sd"),
-                          f"control_{m.compare}_sd": b.get(f"{m.compare}_sd")})
+        for a in (st for st in by_stage if of(st, key) == arm):
+            reach = []
+            for b in controls:
+                seeds = sorted(by_stage[a].keys() & by_stage[b].keys())
+                (a_near, _), (b_near, _) = summary(a, seeds, m.near), summary(b, seeds, m.near)
+                (a_cmp, a_sd), (b_cmp, b_sd) = summary(a, seeds, m.compare), summary(b, seeds, m.compare)
+                if not seeds or None in (a_near, b_near, a_cmp, b_cmp) or abs(a_near - b_near) > m.within:
+                    continue
+                reach.append({key: arm, by: of(a, by), f"control_{by}": of(b, by),
+                              f"{m.near}_gap": a_near - b_near, f"{m.compare}_gap": a_cmp - b_cmp,
+                              f"{m.compare}": a_cmp, f"control_{m.compare}": b_cmp, f"{m.compare}_sd": a_sd,
+                              f"control_{m.compare}_sd": b_sd, "seeds": len(seeds)})
+            if reach:
+                pairs.append(min(reach, key=lambda p: p[f"control_{m.compare}"]))
     return pairs
 
 
@@ -190,16 +211,18 @@ def verdict(sweep: Sweep, table: list[dict], pairs: list[dict]) -> str | None:
         best = min(mine, key=lambda p: p[f"{m.compare}_gap"])
         sds = [best[f"{m.compare}_sd"], best[f"control_{m.compare}_sd"]]
         spread = sum(s for s in sds if s is not None)
-        # a point measured on one seed has no spread of its own: no verdict on it
+        # a pair measured on one seed has no spread of its own: no verdict on it
         beyond = best[f"{m.compare}_gap"] < -spread if None not in sds else None
         if beyond:
             better.append(arm)
-        where = "beyond" if beyond else ("within" if beyond is False else "a point of one seed: no spread to compare with")
+        where = "beyond" if beyond else ("within" if beyond is False else "one seed: no spread to compare with")
         parts.append(f"{arm} {by} {_label(best[by])} vs {m.control} {_label(best[f'control_{by}'])}: {m.compare} "
                      f"{best[m.compare]:.3f} vs {best[f'control_{m.compare}']:.3f} (gap "
-                     f"{best[f'{m.compare}_gap']:+.3f}, spread {spread:.3f}: {where}; best of {len(mine)} points)")
-    head = (f"At matched {m.near} (within {m.within:g}), mean over {seeds} seed(s), each curve's best point against "
-            f"{m.control}'s best point within reach: " + "; ".join(parts) + ". ")
+                     f"{best[f'{m.compare}_gap']:+.3f}, spread {spread:.3f}: {where}; {best['seeds']} seed(s); best of "
+                     f"{len(mine)} points)")
+    head = (f"At matched {m.near} (within {m.within:g}), means over the seeds that have both points (of "
+            f"{seeds}), each curve's best point against {m.control}'s best point within reach: "
+            + "; ".join(parts) + ". ")
     if seeds < 2:
         return head + "One seed: no verdict on the spread."
     if better:
