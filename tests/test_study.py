@@ -533,6 +533,9 @@ def test_matched_pairs_compare_points_on_the_seeds_they_share():
         [(pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.0), 2)] * 2
     said = sweep.verdict(sw, table, pairs)
     assert "hrr 0.500 vs 0.500 (gap +0.000, spread 0.283: within; 2 seed(s); best of 2 points)" in said
+    # A method point and a control point that no seed ran together make no pair (and no error).
+    apart = [[r for r in rows[0] if "-safelora-" in r["stage"]], [r for r in rows[1] if "-l2-" in r["stage"]]]
+    assert sweep.matched(sw, apart) == []
 
 
 def test_an_override_of_a_var_the_study_does_not_declare_is_refused():

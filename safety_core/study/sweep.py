@@ -176,9 +176,11 @@ def matched(sweep: Sweep, per_seed: list[list[dict]]) -> list[dict]:
             reach = []
             for b in controls:
                 seeds = sorted(by_stage[a].keys() & by_stage[b].keys())
+                if not seeds:
+                    continue  # no seed ran both: nothing to compare them on
                 (a_near, _), (b_near, _) = summary(a, seeds, m.near), summary(b, seeds, m.near)
                 (a_cmp, a_sd), (b_cmp, b_sd) = summary(a, seeds, m.compare), summary(b, seeds, m.compare)
-                if not seeds or None in (a_near, b_near, a_cmp, b_cmp) or abs(a_near - b_near) > m.within:
+                if None in (a_near, b_near, a_cmp, b_cmp) or abs(a_near - b_near) > m.within:
                     continue
                 reach.append({key: arm, by: of(a, by), f"control_{by}": of(b, by),
                               f"{m.near}_gap": a_near - b_near, f"{m.compare}_gap": a_cmp - b_cmp,
